@@ -1,0 +1,78 @@
+"""Loads the compiled extension once; the package still imports (reference path) without it."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from typing import Iterator, Optional
+
+import torch
+
+_error: Optional[BaseException] = None
+try:
+    from . import _C  # noqa: F401  (registers the TORCH_LIBRARY ops)
+except (ImportError, OSError) as exc:  # not built, or built against another torch
+    _error = exc
+
+if _error is None:
+    from . import ops as _ops
+
+    _ops.register()
+
+_state = threading.local()
+_warned: set = set()
+
+
+def extension_available() -> bool:
+    """True when the compiled fused kernels were loaded."""
+    return _error is None
+
+
+def extension_error() -> Optional[BaseException]:
+    """Why the extension did not load (None when it did)."""
+    return _error
+
+
+@contextlib.contextmanager
+def use_reference(enabled: bool = True) -> Iterator[None]:
+    """Within this block (this thread), every BSConv call takes the pure-PyTorch reference path.
+
+    For debugging and benchmarks; nests, and restores the previous setting on exit.
+    """
+    prev = getattr(_state, "force_reference", False)
+    _state.force_reference = enabled
+    try:
+        yield
+    finally:
+        _state.force_reference = prev
+
+
+def reference_forced() -> bool:
+    return getattr(_state, "force_reference", False)
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def fused_available_for(device: torch.device) -> bool:
+    """Whether the fused op has a kernel for ``device``; warns once (per reason) when not."""
+    if reference_forced():
+        return False
+    if _error is not None:
+        _warn_once("ext", f"bsconv_fused: the compiled extension is not available ({_error}); "
+                          "using the pure-PyTorch reference path")
+        return False
+    key = device.type.upper() if device.type != "cuda" else "CUDA"
+    if device.type == "cpu":
+        return True
+    if device.type == "meta":
+        return True
+    if torch._C._dispatch_has_kernel_for_dispatch_key("bsconv_fused::forward", key):
+        return True
+    _warn_once(device.type, f"bsconv_fused: no fused kernel for device type '{device.type}' "
+                            "in this build; using the pure-PyTorch reference path")
+    return False

@@ -1,0 +1,90 @@
+"""The registered ops ``bsconv_fused::forward`` / ``bsconv_fused::backward``: fake kernels and
+autograd.
+
+One op pair covers both variants: BSConv-U passes its projection as ``pw1_weight`` and
+``pw2_weight=None``; BSConv-S passes both. The C++ schemas live in ``csrc/bsconv.cpp``; the shape
+rules here mirror ``csrc/cpu/bsconv_cpu.cpp``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+from ._args import ConvOptions
+
+_NUM_GRADS = 7  # x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift
+
+
+def forward(x: torch.Tensor, pw1_weight: torch.Tensor, pw2_weight: Optional[torch.Tensor],
+            dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
+            mid_scale: Optional[torch.Tensor], mid_shift: Optional[torch.Tensor],
+            opts: ConvOptions) -> torch.Tensor:
+    """Calls the fused forward op with already-validated options."""
+    return torch.ops.bsconv_fused.forward(
+        x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift,
+        list(opts.stride), list(opts.padding), list(opts.dilation),
+        opts.padding_mode_code, opts.activation_code)
+
+
+def _output_shape(x: torch.Tensor, pw_last: torch.Tensor, dw_weight: torch.Tensor,
+                  stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int]) -> List[int]:
+    kh, kw = dw_weight.shape[2], dw_weight.shape[3]
+    ho = (x.shape[2] + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return [x.shape[0], pw_last.shape[0], ho, wo]
+
+
+def _forward_fake(x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift,
+                  stride, padding, dilation, padding_mode, activation):
+    last = pw1_weight if pw2_weight is None else pw2_weight
+    shape = _output_shape(x, last, dw_weight, stride, padding, dilation)
+    return torch.empty(shape, dtype=x.dtype, device=x.device,
+                       memory_format=suggest_memory_format(x))
+
+
+def _backward_fake(grad_y, x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift,
+                   stride, padding, dilation, padding_mode, activation, output_mask):
+    like = [x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift]
+    out = []
+    for i, t in enumerate(like):
+        if output_mask[i] and t is not None:
+            fmt = suggest_memory_format(t) if t.dim() == 4 else torch.contiguous_format
+            out.append(torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt))
+        else:
+            out.append(x.new_empty((0,)))
+    return tuple(out)
+
+
+def _setup_context(ctx, inputs, output):
+    (x, pw1, pw2, dw_weight, dw_bias, mid_scale, mid_shift,
+     stride, padding, dilation, padding_mode, activation) = inputs
+    ctx.save_for_backward(x, pw1, pw2, dw_weight, dw_bias, mid_scale, mid_shift)
+    ctx.conv_args = (stride, padding, dilation, padding_mode, activation)
+
+
+def _backward(ctx, grad_y):
+    saved = ctx.saved_tensors
+    mask = [bool(ctx.needs_input_grad[i]) and saved[i] is not None for i in range(_NUM_GRADS)]
+    if not any(mask):
+        return (None,) * 12
+    grads = torch.ops.bsconv_fused.backward(grad_y, *saved, *ctx.conv_args, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 5
+
+
+_registered = False
+
+
+def register() -> None:
+    """Registers fake kernels and autograd for the ops (once, after the extension loaded)."""
+    global _registered
+    if _registered:
+        return
+    torch.library.register_fake("bsconv_fused::forward")(_forward_fake)
+    torch.library.register_fake("bsconv_fused::backward")(_backward_fake)
+    torch.library.register_autograd("bsconv_fused::forward", _backward,
+                                    setup_context=_setup_context)
+    _registered = True
