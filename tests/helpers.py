@@ -1,0 +1,115 @@
+"""Shared test helpers: random BSConv problems and the accuracy rule against a float64 oracle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+import bsconv_fused
+from bsconv_fused import functional, reference
+
+EPS = {
+    torch.float64: torch.finfo(torch.float64).eps,
+    torch.float32: torch.finfo(torch.float32).eps,
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+    torch.float16: torch.finfo(torch.float16).eps,
+}
+
+
+@dataclass
+class Problem:
+    """One BSConv call: tensors (float64 masters) and keyword options."""
+
+    variant: str
+    x: torch.Tensor
+    pws: List[torch.Tensor]
+    dw_weight: torch.Tensor
+    dw_bias: Optional[torch.Tensor]
+    mid_scale: Optional[torch.Tensor]
+    mid_shift: Optional[torch.Tensor]
+    kwargs: Dict = field(default_factory=dict)
+
+    def tensors(self) -> List[Optional[torch.Tensor]]:
+        return [self.x, *self.pws, self.dw_weight, self.dw_bias, self.mid_scale, self.mid_shift]
+
+    def cast(self, dtype: torch.dtype, memory_format=torch.contiguous_format,
+             requires_grad: bool = True) -> "Problem":
+        def c(t):
+            if t is None:
+                return None
+            t = t.detach().to(dtype)
+            if t.dim() == 4:
+                t = t.contiguous(memory_format=memory_format)
+            return t.requires_grad_(requires_grad)
+
+        return Problem(self.variant, c(self.x), [c(w) for w in self.pws], c(self.dw_weight),
+                       c(self.dw_bias), c(self.mid_scale), c(self.mid_shift), dict(self.kwargs))
+
+    def inputs(self) -> List[torch.Tensor]:
+        return [t for t in self.tensors() if t is not None]
+
+    def call(self, impl) -> torch.Tensor:
+        fn = impl.bsconv_u if self.variant == "u" else impl.bsconv_s
+        return fn(self.x, *self.pws, self.dw_weight, self.dw_bias, mid_scale=self.mid_scale,
+                  mid_shift=self.mid_shift, **self.kwargs)
+
+    def fused(self) -> torch.Tensor:
+        return self.call(functional)
+
+    def reference(self) -> torch.Tensor:
+        return self.call(reference)
+
+
+def make_problem(variant: str = "u", B: int = 2, M: int = 5, N: int = 6, mid: int = 3,
+                 H: int = 9, W: int = 7, K: Sequence[int] = (3, 3), bias: bool = True,
+                 mid_affine: bool = False, seed: int = 0, **kwargs) -> Problem:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    x = r(B, M, H, W)
+    if variant == "u":
+        pws = [r(N, M, 1, 1, scale=M ** -0.5)]
+    else:
+        pws = [r(mid, M, 1, 1, scale=M ** -0.5), r(N, mid, 1, 1, scale=mid ** -0.5)]
+    dw = r(N, 1, *K, scale=(K[0] * K[1]) ** -0.5)
+    b = r(N) if bias else None
+    scale = (1 + 0.5 * r(N)) if mid_affine else None
+    shift = r(N) * 0.5 if mid_affine else None
+    return Problem(variant, x, pws, dw, b, scale, shift, kwargs)
+
+
+def grads(out: torch.Tensor, inputs: Sequence[torch.Tensor], gy: torch.Tensor):
+    return torch.autograd.grad(out, inputs, gy.to(out.dtype))
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_accurate(name: str, fused: torch.Tensor, ref_lowp: torch.Tensor,
+                    ref64: torch.Tensor) -> None:
+    """The fused result may be at most twice as far from the float64 oracle as the reference
+    computed in the same dtype (floor: one ulp of the output's dtype at the oracle's scale, so
+    a reference that happens to be nearly exact does not demand the impossible)."""
+    assert fused.shape == ref64.shape, (name, fused.shape, ref64.shape)
+    assert fused.dtype == ref_lowp.dtype, (name, fused.dtype, ref_lowp.dtype)
+    err = max_err(fused, ref64)
+    ref_err = max_err(ref_lowp, ref64)
+    floor = EPS[fused.dtype] * max(ref64.abs().max().item() if ref64.numel() else 0.0, 1.0)
+    bound = 2 * max(ref_err, floor)
+    assert err <= bound, f"{name}: fused error {err:.3g} > bound {bound:.3g} (ref {ref_err:.3g})"
+
+
+def fused_op_ran(fn) -> bool:
+    """Runs fn under the autograd profiler and tells whether the fused forward op ran."""
+    with torch.autograd.profiler.profile() as prof:
+        fn()
+    return any(e.name == "bsconv_fused::forward" for e in prof.function_events)
+
+
+assert bsconv_fused.extension_available(), (
+    f"the compiled extension is expected in the tests: {bsconv_fused.extension_error()}")

@@ -1,0 +1,207 @@
+"""Parity of the fused ops with the float64 reference: forward and every gradient, over the
+option grid, dtypes, memory formats and odd sizes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from helpers import assert_accurate, fused_op_ran, grads, make_problem, max_err
+
+torch.manual_seed(0)
+
+# Double-precision sums here have at most a few hundred terms of magnitude ~1, so both paths
+# are within ~1e-13 of the exact value; 1e-11 leaves room without hiding a wrong tap or index.
+F64_TOL = 1e-11
+
+
+def check_f64(p):
+    """Forward and all gradients of the fused op against the reference, both in float64."""
+    p64 = p.cast(torch.float64)
+    y = p64.fused()
+    r = p64.reference()
+    assert y.shape == r.shape
+    assert max_err(y, r) <= F64_TOL * max(1.0, r.abs().max().item())
+    gy = torch.randn(r.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(grads(y, p64.inputs(), gy), grads(r, p64.inputs(), gy)):
+        assert a.shape == b.shape
+        assert max_err(a, b) <= F64_TOL * max(1.0, b.abs().max().item())
+
+
+GRID = [
+    # (K, stride, padding, dilation)
+    ((3, 3), 1, 1, 1),
+    ((3, 3), 2, 1, 1),
+    ((3, 3), 1, "same", 2),
+    ((5, 5), 1, 2, 1),
+    ((5, 5), 2, 2, 1),
+    ((7, 7), 1, 3, 1),
+    ((1, 1), 1, 0, 1),
+    ((2, 3), 1, "same", 1),  # even kernel: asymmetric 'same'
+    ((3, 2), (2, 1), (1, 0), (1, 2)),
+    ((4, 4), 3, 2, 1),
+    ((3, 3), 1, "valid", 1),
+]
+
+
+@pytest.mark.parametrize("variant", ["u", "s"])
+@pytest.mark.parametrize("K,stride,padding,dilation", GRID)
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("act", [None, "relu", "relu6", "hardswish"])
+def test_grid_float64(variant, K, stride, padding, dilation, padding_mode, act):
+    p = make_problem(variant, K=K, stride=stride, padding=padding, dilation=dilation,
+                     padding_mode=padding_mode, mid_activation=act,
+                     mid_affine=act is not None, H=9, W=8)
+    check_f64(p)
+
+
+@pytest.mark.parametrize("variant", ["u", "s"])
+@pytest.mark.parametrize("bias,affine", [(False, False), (True, False), (False, True)])
+def test_optional_inputs(variant, bias, affine):
+    check_f64(make_problem(variant, bias=bias, mid_affine=affine, padding=1))
+
+
+def test_scale_only_and_shift_only():
+    p = make_problem("u", padding=1, mid_affine=True)
+    check_f64(p.__class__(p.variant, p.x, p.pws, p.dw_weight, p.dw_bias, p.mid_scale, None,
+                          p.kwargs))
+    check_f64(p.__class__(p.variant, p.x, p.pws, p.dw_weight, p.dw_bias, None, p.mid_shift,
+                          p.kwargs))
+
+
+@pytest.mark.parametrize("shape", [
+    dict(B=1, M=1, N=1, mid=1, H=1, W=1),
+    dict(B=3, M=3, N=17, mid=2, H=7, W=5),
+    dict(B=1, M=17, N=3, mid=5, H=5, W=7),
+    dict(B=2, M=4, N=4, mid=4, H=1, W=9),
+    dict(B=1, M=2, N=5, mid=1, H=2, W=1),
+])
+@pytest.mark.parametrize("variant", ["u", "s"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "replicate", "circular"])
+def test_odd_sizes(shape, variant, padding_mode):
+    check_f64(make_problem(variant, padding=1, padding_mode=padding_mode,
+                           mid_activation="relu6", mid_affine=True, **shape))
+
+
+def test_large_channels_and_image_cross_tiles():
+    # Big enough that the CPU kernels split the image and the channels into several tiles.
+    for variant in "us":
+        check_f64(make_problem(variant, B=2, M=96, N=160, mid=24, H=40, W=36, padding=1,
+                               mid_activation="hardswish", mid_affine=True))
+        check_f64(make_problem(variant, B=1, M=64, N=200, mid=16, H=23, W=29, K=(5, 5),
+                               stride=2, padding=2, padding_mode="reflect"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["u", "s"])
+@pytest.mark.parametrize("act,mode", [(None, "zeros"), ("relu6", "reflect"),
+                                      ("hardswish", "circular")])
+def test_low_precision(dtype, variant, act, mode):
+    p = make_problem(variant, B=2, M=24, N=40, mid=8, H=12, W=11, padding=1, padding_mode=mode,
+                     mid_activation=act, mid_affine=act is not None)
+    plo = p.cast(dtype)
+    p64 = plo.cast(torch.float64)  # the oracle sees exactly the rounded inputs
+    y64, ylo_ref, ylo = p64.reference(), plo.reference(), plo.fused()
+    assert ylo.dtype == dtype
+    assert_accurate("y", ylo, ylo_ref, y64)
+    gy = torch.randn(y64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    names = ["x"] + [f"pw{i}" for i in range(len(p.pws))] + ["dw", "bias", "scale", "shift"]
+    names = [n for n, t in zip(names, p.tensors()) if t is not None]
+    for name, a, b, c in zip(names, grads(ylo, plo.inputs(), gy),
+                             grads(ylo_ref, plo.inputs(), gy), grads(y64, p64.inputs(), gy)):
+        assert a.dtype == dtype
+        assert_accurate(name, a, b, c)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "permuted"])
+@pytest.mark.parametrize("variant", ["u", "s"])
+def test_memory_formats(layout, variant):
+    p = make_problem(variant, B=2, M=6, N=10, mid=3, H=10, W=12, padding=1,
+                     mid_activation="relu", mid_affine=True).cast(torch.float64)
+    x = p.x.detach()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.cat([x, x], dim=3)[:, :, :, ::2]  # non-contiguous, stride 2 along W
+    elif layout == "permuted":
+        x = x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+    p.x = x.requires_grad_()
+    y, r = p.fused(), p.reference()
+    assert max_err(y, r) <= F64_TOL * r.abs().max().item()
+    # Output in the memory format nn.Conv2d would give (the reference's).
+    cl = torch.channels_last
+    assert y.is_contiguous(memory_format=cl) == r.is_contiguous(memory_format=cl)
+    assert y.is_contiguous() == r.is_contiguous()
+    gy = torch.randn_like(r)
+    gf, gr = grads(y, p.inputs(), gy), grads(r, p.inputs(), gy)
+    for a, b in zip(gf, gr):
+        assert max_err(a, b) <= F64_TOL * max(1.0, b.abs().max().item())
+    assert gf[0].stride() == gr[0].stride() or layout in ("sliced", "permuted")
+
+
+@pytest.mark.parametrize("variant", ["u", "s"])
+def test_empty_batch(variant):
+    p = make_problem(variant, B=0, padding=1, mid_activation="relu",
+                     mid_affine=True).cast(torch.float64)
+    y = p.fused()
+    assert y.shape == (0, 6, 9, 7)
+    y.sum().backward()
+    assert p.x.grad.shape == p.x.shape
+    for t in p.inputs()[1:]:
+        assert t.grad is not None and torch.count_nonzero(t.grad) == 0
+
+
+def test_only_requested_gradients():
+    p = make_problem("s", padding=1, mid_affine=True).cast(torch.float64)
+    p.x.requires_grad_(False)
+    p.pws[0].requires_grad_(False)
+    y, r = p.fused(), p.reference()
+    gy = torch.randn_like(r)
+    for a, b in zip(grads(y, p.inputs()[2:], gy), grads(r, p.inputs()[2:], gy)):
+        assert max_err(a, b) <= F64_TOL * max(1.0, b.abs().max().item())
+
+
+def test_backward_is_deterministic_across_runs_and_threads():
+    p = make_problem("s", B=3, M=48, N=64, mid=12, H=30, W=26, padding=1,
+                     mid_activation="hardswish", mid_affine=True).cast(torch.float32)
+    gy = torch.randn(3, 64, 30, 26, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (threads, 1, threads):
+            torch.set_num_threads(n)
+            results.append([g.clone() for g in grads(p.fused(), p.inputs(), gy)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_fused_path_is_the_one_that_runs():
+    p = make_problem("u", padding=1).cast(torch.float32)
+    assert fused_op_ran(lambda: p.fused().sum().backward())
+    import bsconv_fused
+
+    with bsconv_fused.use_reference():
+        assert not fused_op_ran(lambda: p.fused())
+    # The backward is the fused backward op, not an unfused graph of convolutions.
+    y = p.fused()
+    with torch.autograd.profiler.profile() as prof:
+        y.sum().backward()
+    names = {e.name for e in prof.function_events}
+    assert "bsconv_fused::backward" in names
+    assert not any("convolution" in n for n in names), names
+
+
+@pytest.mark.parametrize("variant,act", list(itertools.product("us", ["relu6", "hardswish"])))
+def test_nan_propagates(variant, act):
+    p = make_problem(variant, padding=1, mid_activation=act, mid_affine=True)
+    x = p.x.detach().clone()
+    x[0, 0, 4, 3] = float("nan")
+    p.x = x
+    y = p.fused()
+    r = p.reference()
+    assert torch.equal(torch.isnan(y), torch.isnan(r))
