@@ -14,8 +14,10 @@
 namespace bsconv::cpu {
 namespace {
 
+// A null view for the placeholder of a gradient that was not asked for.
 template <typename T>
 View4<T> view4(const at::Tensor& t) {
+  if (t.dim() != 4) return {nullptr, 0, 0, 0, 0};
   return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
@@ -192,15 +194,17 @@ void backward_kernel(const Geometry& g, const View4<const scalar_t>& gy,
             const acc_t sh = w.shift ? w.shift[n] : acc_t(0);
             const acc_t* vn = V.get() + n * P;
             acc_t* gvn = gv.get() + n * P;
-            acc_t gscale = 0, gshift = 0;
+            // These two sums run over every pixel of the tile; double keeps them as accurate
+            // as the pairwise sums of the unfused path.
+            double gscale = 0, gshift = 0;
             for (int64_t p = 0; p < P; ++p) {
               const acc_t gz = gvn[p] * activate_grad(vn[p] * s + sh, g.act);
-              gscale += gz * vn[p];
-              gshift += gz;
+              gscale += double(gz * vn[p]);
+              gshift += double(gz);
               gvn[p] = gz * s;
             }
-            if (mask[kGscale]) part[lay.scale + n] += gscale;
-            if (mask[kGshift]) part[lay.shift + n] += gshift;
+            if (mask[kGscale]) part[lay.scale + n] += acc_t(gscale);
+            if (mask[kGshift]) part[lay.shift + n] += acc_t(gshift);
           }
         }
 
@@ -359,12 +363,12 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pw
     // A copy even when the dtype matches: the outputs must not alias one buffer.
     return flat.narrow(0, offset, n).view(shape).to(x.scalar_type(), false, true);
   };
-  auto empty = x.new_empty({0});
+  auto empty = [&] { return x.new_empty({0}); };  // a fresh one per slot: outputs never alias
   return {gx,
           piece(kGw1, lay.w1, g.proj1_rows() * g.M, pw1.sizes()),
-          pw2 ? piece(kGw2, lay.w2, g.N * g.Mmid, pw2->sizes()) : empty,
+          pw2 ? piece(kGw2, lay.w2, g.N * g.Mmid, pw2->sizes()) : empty(),
           piece(kGdw, lay.dw, g.N * g.taps(), dw.sizes()),
-          mask[kGbias] ? gbias_acc.to(x.scalar_type(), false, true) : empty,
+          mask[kGbias] ? gbias_acc.to(x.scalar_type(), false, true) : empty(),
           piece(kGscale, lay.scale, g.N, {g.N}),
           piece(kGshift, lay.shift, g.N, {g.N})};
 }
