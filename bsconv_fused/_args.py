@@ -140,12 +140,12 @@ def normalize(
         prev = name
     check_tensor(fn, "dw_weight", dw_weight, 4)
     if dw_weight.shape[0] != channels or dw_weight.shape[1] != 1:
-        raise ValueError(
-            f"{fn}: dw_weight must have shape [{channels}, 1, K_h, K_w], got {list(dw_weight.shape)}"
-        )
+        raise ValueError(f"{fn}: dw_weight must have shape [{channels}, 1, K_h, K_w], "
+                         f"got {list(dw_weight.shape)}")
     kh, kw = dw_weight.shape[2], dw_weight.shape[3]
     if kh < 1 or kw < 1:
-        raise ValueError(f"{fn}: dw_weight must have a non-empty kernel, got {list(dw_weight.shape)}")
+        raise ValueError(
+            f"{fn}: dw_weight must have a non-empty kernel, got {list(dw_weight.shape)}")
     for name, t in (("dw_bias", dw_bias), ("mid_scale", mid_scale), ("mid_shift", mid_shift)):
         if t is not None:
             check_tensor(fn, name, t, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
 import warnings
 from typing import Iterator, Optional
@@ -11,7 +12,8 @@ import torch
 
 _error: Optional[BaseException] = None
 try:
-    from . import _C  # noqa: F401  (registers the TORCH_LIBRARY ops)
+    # import_module (not "from . import _C") so that a failure reports its real cause.
+    importlib.import_module(f"{__package__}._C")  # registers the TORCH_LIBRARY ops
 except (ImportError, OSError) as exc:  # not built, or built against another torch
     _error = exc
 
@@ -50,6 +52,17 @@ def use_reference(enabled: bool = True) -> Iterator[None]:
 
 def reference_forced() -> bool:
     return getattr(_state, "force_reference", False)
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast would run a convolution in on ``device`` (None when autocast is off).
+
+    Convolutions are on autocast's lower-precision list, so a fused BSConv runs in that dtype,
+    exactly as the nn.Conv2d layers it replaces would.
+    """
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 def _warn_once(key: str, msg: str) -> None:

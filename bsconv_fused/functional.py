@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
 from . import reference
 from ._args import IntOrPair, Padding, normalize
-from ._extension import fused_available_for
+from ._extension import autocast_dtype, fused_available_for
+
+
+def _autocast(*tensors: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """Casts floating-point tensors to the autocast dtype when autocast is on for their device."""
+    x = tensors[0]
+    dtype = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    if dtype is None:
+        return list(tensors)
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in tensors]
 
 
 def bsconv_u(
@@ -32,6 +42,8 @@ def bsconv_u(
     "hardswish" and acts on image pixels only. Returns y [B, N, H_out, W_out] in the memory
     format of x.
     """
+    x, pw_weight, dw_weight, dw_bias, mid_scale, mid_shift = _autocast(
+        x, pw_weight, dw_weight, dw_bias, mid_scale, mid_shift)
     opts = normalize("bsconv_u", x, [("pw_weight", pw_weight)], dw_weight, dw_bias, stride,
                      padding, dilation, padding_mode, mid_scale, mid_shift, mid_activation)
     if fused_available_for(x.device):
@@ -58,6 +70,8 @@ def bsconv_s(
 
     pw1_weight [M', M, 1, 1], pw2_weight [N, M', 1, 1]; everything else as :func:`bsconv_u`.
     """
+    x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift = _autocast(
+        x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift)
     opts = normalize("bsconv_s", x, [("pw1_weight", pw1_weight), ("pw2_weight", pw2_weight)],
                      dw_weight, dw_bias, stride, padding, dilation, padding_mode, mid_scale,
                      mid_shift, mid_activation)

@@ -7,7 +7,6 @@ import itertools
 
 import pytest
 import torch
-
 from helpers import assert_accurate, fused_op_ran, grads, make_problem, max_err
 
 torch.manual_seed(0)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_problem
 
 from bsconv_fused import functional, ops
 from bsconv_fused._args import normalize
-
-from helpers import make_problem
 
 
 @pytest.mark.parametrize("variant", ["u", "s"])
