@@ -23,12 +23,23 @@ def _extension():
     )
 
 
+def _emulator_extension():
+    """The CUDA kernels built by the host compiler under the CUDA emulator (tests only)."""
+    return CppExtension(
+        "bsconv_fused._emu",
+        sorted(glob.glob(os.path.join("csrc", "emu_ext", "*.cpp"))),
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O2", "-pthread", "-Wall", "-Wno-unknown-pragmas"]},
+        extra_link_args=["-pthread"],
+    )
+
+
 setup(
     name="bsconv-fused",
     version="0.1.0",
     description="Fused Blueprint Separable Convolutions (BSConv-U/S) for PyTorch",
     packages=find_packages(include=["bsconv_fused", "bsconv_fused.*"]),
-    ext_modules=[_extension()],
+    ext_modules=[_extension(), _emulator_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
 )

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "common/bsconv_math.h"
+
 namespace bsconv {
 
 struct Geometry {
@@ -17,15 +19,15 @@ struct Geometry {
   int act = 0;                             // Activation
   bool has_scale = false, has_shift = false, has_bias = false;
 
-  bool subspace() const { return Mmid > 0; }
-  bool has_mid() const { return has_scale || has_shift || act != 0; }
+  BSCONV_HD bool subspace() const { return Mmid > 0; }
+  BSCONV_HD bool has_mid() const { return has_scale || has_shift || act != 0; }
   // Rows of the first projection: M' for BSConv-S, N for BSConv-U.
-  int64_t proj1_rows() const { return subspace() ? Mmid : N; }
-  int64_t taps() const { return Kh * Kw; }
+  BSCONV_HD int64_t proj1_rows() const { return subspace() ? Mmid : N; }
+  BSCONV_HD int64_t taps() const { return Kh * Kw; }
 };
 
 // Output extent of a padded, strided, dilated convolution along one axis.
-inline int64_t conv_out_size(int64_t in, int64_t pad_lo, int64_t pad_hi, int64_t k, int64_t s,
+BSCONV_HD int64_t conv_out_size(int64_t in, int64_t pad_lo, int64_t pad_hi, int64_t k, int64_t s,
                              int64_t d) {
   return (in + pad_lo + pad_hi - d * (k - 1) - 1) / s + 1;
 }
