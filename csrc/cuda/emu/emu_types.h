@@ -64,10 +64,11 @@ inline uint16_t float_to_half_bits(float f) {
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t ax = x & 0x7FFFFFFFu;
   if (ax >= 0x7F800000u) {  // inf stays inf; NaN stays a quiet NaN
-    return static_cast<uint16_t>(sign | (ax > 0x7F800000u ? 0x7E00u | ((ax >> 13) & 0x3FFu) : 0x7C00u));
+    return static_cast<uint16_t>(sign |
+                                 (ax > 0x7F800000u ? 0x7E00u | ((ax >> 13) & 0x3FFu) : 0x7C00u));
   }
   if (ax >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520 rounds to inf
-  if (ax < 0x38800000u) {  // below 2^-14: half subnormal (units of 2^-24) or zero
+  if (ax < 0x38800000u) {               // below 2^-14: half subnormal (units of 2^-24) or zero
     if (ax < 0x33000000u) return sign;  // < 2^-25 rounds to zero (2^-25 itself ties to even 0)
     const uint32_t exp = ax >> 23;
     const uint32_t mant = (ax & 0x7FFFFFu) | 0x800000u;
@@ -78,7 +79,7 @@ inline uint16_t float_to_half_bits(float f) {
     if (rem > halfway || (rem == halfway && (q & 1u))) ++q;  // may carry into the smallest normal
     return static_cast<uint16_t>(sign | q);
   }
-  uint32_t r = ax - 0x38000000u;  // rebias exponent 127 -> 15
+  uint32_t r = ax - 0x38000000u;   // rebias exponent 127 -> 15
   r += 0xFFFu + ((r >> 13) & 1u);  // round to nearest even on the 13 dropped bits
   return static_cast<uint16_t>(sign | (r >> 13));
 }
@@ -98,18 +99,22 @@ inline float half_bits_to_float(uint16_t h) {
 // binary32 -> bfloat16, round to nearest even (what __float2bfloat16 does).
 inline uint16_t float_to_bf16_bits(float f) {
   const uint32_t x = bit_cast<uint32_t>(f);
-  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((x >> 16) | 0x0040u);  // quiet NaN
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u)
+    return static_cast<uint16_t>((x >> 16) | 0x0040u);  // quiet NaN
   return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
 }
-inline float bf16_bits_to_float(uint16_t b) { return bit_cast<float>(static_cast<uint32_t>(b) << 16); }
+inline float bf16_bits_to_float(uint16_t b) {
+  return bit_cast<float>(static_cast<uint32_t>(b) << 16);
+}
 
 }  // namespace detail
 }  // namespace emu
 
 // ------------------------------------------------------------------------------------------------
-// __half and __nv_bfloat16: 16-bit storage, arithmetic through float. Like cuda_fp16.h, the implicit
-// conversions and operators disappear when torch's build flags (__CUDA_NO_HALF_CONVERSIONS__ etc.)
-// are defined, so kernel code that compiles here also compiles in the torch extension build.
+// __half and __nv_bfloat16: 16-bit storage, arithmetic through float. Like cuda_fp16.h, the
+// implicit conversions and operators disappear when torch's build flags
+// (__CUDA_NO_HALF_CONVERSIONS__ etc.) are defined, so kernel code that compiles here also compiles
+// in the torch extension build.
 struct __half_raw {
   unsigned short x;
 };
@@ -163,7 +168,9 @@ inline unsigned short __half_as_ushort(__half h) { return h.__x; }
 inline __half __ushort_as_half(unsigned short u) { return __half_raw{u}; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16_raw{u}; }
-inline __half2 __floats2half2_rn(float a, float b) { return __half2{__float2half(a), __float2half(b)}; }
+inline __half2 __floats2half2_rn(float a, float b) {
+  return __half2{__float2half(a), __float2half(b)};
+}
 inline __half2 __float2half2_rn(float a) { return __floats2half2_rn(a, a); }
 inline float2 __half22float2(__half2 h) { return float2{__half2float(h.x), __half2float(h.y)}; }
 inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
@@ -174,42 +181,42 @@ inline float2 __bfloat1622float2(__nv_bfloat162 b) {
 }
 
 // Named arithmetic intrinsics exist regardless of __CUDA_NO_HALF_OPERATORS__ (as in CUDA).
-#define EMU_DEFINE_16BIT_INTRINSICS(T, TO_F, FROM_F)                                               \
-  inline T __hadd(T a, T b) { return FROM_F(TO_F(a) + TO_F(b)); }                                 \
-  inline T __hsub(T a, T b) { return FROM_F(TO_F(a) - TO_F(b)); }                                 \
-  inline T __hmul(T a, T b) { return FROM_F(TO_F(a) * TO_F(b)); }                                 \
-  inline T __hdiv(T a, T b) { return FROM_F(TO_F(a) / TO_F(b)); }                                 \
-  inline T __hfma(T a, T b, T c) { return FROM_F(std::fma(TO_F(a), TO_F(b), TO_F(c))); }          \
-  inline T __hneg(T a) { return FROM_F(-TO_F(a)); }                                               \
-  inline T __habs(T a) { return FROM_F(std::fabs(TO_F(a))); }                                     \
-  inline T __hmax(T a, T b) { return FROM_F(std::fmax(TO_F(a), TO_F(b))); }                       \
-  inline T __hmin(T a, T b) { return FROM_F(std::fmin(TO_F(a), TO_F(b))); }                       \
-  inline bool __heq(T a, T b) { return TO_F(a) == TO_F(b); }                                      \
-  inline bool __hne(T a, T b) { return TO_F(a) != TO_F(b); }                                      \
-  inline bool __hlt(T a, T b) { return TO_F(a) < TO_F(b); }                                       \
-  inline bool __hle(T a, T b) { return TO_F(a) <= TO_F(b); }                                      \
-  inline bool __hgt(T a, T b) { return TO_F(a) > TO_F(b); }                                       \
-  inline bool __hge(T a, T b) { return TO_F(a) >= TO_F(b); }                                      \
+#define EMU_DEFINE_16BIT_INTRINSICS(T, TO_F, FROM_F)                                     \
+  inline T __hadd(T a, T b) { return FROM_F(TO_F(a) + TO_F(b)); }                        \
+  inline T __hsub(T a, T b) { return FROM_F(TO_F(a) - TO_F(b)); }                        \
+  inline T __hmul(T a, T b) { return FROM_F(TO_F(a) * TO_F(b)); }                        \
+  inline T __hdiv(T a, T b) { return FROM_F(TO_F(a) / TO_F(b)); }                        \
+  inline T __hfma(T a, T b, T c) { return FROM_F(std::fma(TO_F(a), TO_F(b), TO_F(c))); } \
+  inline T __hneg(T a) { return FROM_F(-TO_F(a)); }                                      \
+  inline T __habs(T a) { return FROM_F(std::fabs(TO_F(a))); }                            \
+  inline T __hmax(T a, T b) { return FROM_F(std::fmax(TO_F(a), TO_F(b))); }              \
+  inline T __hmin(T a, T b) { return FROM_F(std::fmin(TO_F(a), TO_F(b))); }              \
+  inline bool __heq(T a, T b) { return TO_F(a) == TO_F(b); }                             \
+  inline bool __hne(T a, T b) { return TO_F(a) != TO_F(b); }                             \
+  inline bool __hlt(T a, T b) { return TO_F(a) < TO_F(b); }                              \
+  inline bool __hle(T a, T b) { return TO_F(a) <= TO_F(b); }                             \
+  inline bool __hgt(T a, T b) { return TO_F(a) > TO_F(b); }                              \
+  inline bool __hge(T a, T b) { return TO_F(a) >= TO_F(b); }                             \
   inline bool __hisnan(T a) { return std::isnan(TO_F(a)); }
 EMU_DEFINE_16BIT_INTRINSICS(__half, __half2float, __float2half)
 EMU_DEFINE_16BIT_INTRINSICS(__nv_bfloat16, __bfloat162float, __float2bfloat16)
 #undef EMU_DEFINE_16BIT_INTRINSICS
 
-#define EMU_DEFINE_16BIT_OPERATORS(T, TO_F, FROM_F)                                                \
-  inline T operator+(T a, T b) { return FROM_F(TO_F(a) + TO_F(b)); }                              \
-  inline T operator-(T a, T b) { return FROM_F(TO_F(a) - TO_F(b)); }                              \
-  inline T operator*(T a, T b) { return FROM_F(TO_F(a) * TO_F(b)); }                              \
-  inline T operator/(T a, T b) { return FROM_F(TO_F(a) / TO_F(b)); }                              \
-  inline T operator-(T a) { return FROM_F(-TO_F(a)); }                                            \
-  inline T& operator+=(T& a, T b) { return a = a + b; }                                           \
-  inline T& operator-=(T& a, T b) { return a = a - b; }                                           \
-  inline T& operator*=(T& a, T b) { return a = a * b; }                                           \
-  inline T& operator/=(T& a, T b) { return a = a / b; }                                           \
-  inline bool operator==(T a, T b) { return TO_F(a) == TO_F(b); }                                 \
-  inline bool operator!=(T a, T b) { return TO_F(a) != TO_F(b); }                                 \
-  inline bool operator<(T a, T b) { return TO_F(a) < TO_F(b); }                                   \
-  inline bool operator<=(T a, T b) { return TO_F(a) <= TO_F(b); }                                 \
-  inline bool operator>(T a, T b) { return TO_F(a) > TO_F(b); }                                   \
+#define EMU_DEFINE_16BIT_OPERATORS(T, TO_F, FROM_F)                  \
+  inline T operator+(T a, T b) { return FROM_F(TO_F(a) + TO_F(b)); } \
+  inline T operator-(T a, T b) { return FROM_F(TO_F(a) - TO_F(b)); } \
+  inline T operator*(T a, T b) { return FROM_F(TO_F(a) * TO_F(b)); } \
+  inline T operator/(T a, T b) { return FROM_F(TO_F(a) / TO_F(b)); } \
+  inline T operator-(T a) { return FROM_F(-TO_F(a)); }               \
+  inline T& operator+=(T& a, T b) { return a = a + b; }              \
+  inline T& operator-=(T& a, T b) { return a = a - b; }              \
+  inline T& operator*=(T& a, T b) { return a = a * b; }              \
+  inline T& operator/=(T& a, T b) { return a = a / b; }              \
+  inline bool operator==(T a, T b) { return TO_F(a) == TO_F(b); }    \
+  inline bool operator!=(T a, T b) { return TO_F(a) != TO_F(b); }    \
+  inline bool operator<(T a, T b) { return TO_F(a) < TO_F(b); }      \
+  inline bool operator<=(T a, T b) { return TO_F(a) <= TO_F(b); }    \
+  inline bool operator>(T a, T b) { return TO_F(a) > TO_F(b); }      \
   inline bool operator>=(T a, T b) { return TO_F(a) >= TO_F(b); }
 #if !defined(__CUDA_NO_HALF_OPERATORS__)
 EMU_DEFINE_16BIT_OPERATORS(__half, __half2float, __float2half)
@@ -244,8 +251,8 @@ inline float __saturatef(float x) { return x > 1.0f ? 1.0f : (x > 0.0f ? x : 0.0
 
 // CUDA's overloaded min/max (device code calls them unqualified). Mixed signed/unsigned
 // overloads promote to unsigned, as CUDA's math_functions.hpp does.
-#define EMU_DEFINE_MINMAX(T)                              \
-  inline T min(T a, T b) { return b < a ? b : a; }         \
+#define EMU_DEFINE_MINMAX(T)                       \
+  inline T min(T a, T b) { return b < a ? b : a; } \
   inline T max(T a, T b) { return a < b ? b : a; }
 EMU_DEFINE_MINMAX(int)
 EMU_DEFINE_MINMAX(unsigned int)
@@ -278,7 +285,9 @@ inline long long __double_as_longlong(double d) { return emu::detail::bit_cast<l
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
-inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x)); }
+inline int __clzll(long long x) {
+  return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x));
+}
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __ffsll(long long x) { return __builtin_ffsll(x); }
 inline unsigned __brev(unsigned x) {
@@ -295,7 +304,6 @@ inline T __ldg(const T* p) {
 }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-inline void __nanosleep(unsigned ns) { std::this_thread::sleep_for(std::chrono::nanoseconds(ns)); }
 inline long long clock64() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
@@ -322,22 +330,22 @@ inline T atomic_update(T* address, Op op) {
 }  // namespace detail
 }  // namespace emu
 
-#define EMU_DEFINE_INT_ATOMICS(T)                                                                   \
-  inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }            \
-  inline T atomicSub(T* p, T v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); }            \
-  inline T atomicAnd(T* p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); }            \
-  inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }              \
-  inline T atomicXor(T* p, T v) { return __atomic_fetch_xor(p, v, __ATOMIC_SEQ_CST); }            \
-  inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }          \
-  inline T atomicMin(T* p, T v) {                                                                 \
-    return emu::detail::atomic_update(p, [v](T old) { return v < old ? v : old; });               \
-  }                                                                                               \
-  inline T atomicMax(T* p, T v) {                                                                 \
-    return emu::detail::atomic_update(p, [v](T old) { return old < v ? v : old; });               \
-  }                                                                                               \
-  inline T atomicCAS(T* p, T compare, T v) {                                                      \
-    __atomic_compare_exchange_n(p, &compare, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);       \
-    return compare; /* holds the old value whether or not the swap happened */                   \
+#define EMU_DEFINE_INT_ATOMICS(T)                                                           \
+  inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }      \
+  inline T atomicSub(T* p, T v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); }      \
+  inline T atomicAnd(T* p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); }      \
+  inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }        \
+  inline T atomicXor(T* p, T v) { return __atomic_fetch_xor(p, v, __ATOMIC_SEQ_CST); }      \
+  inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }    \
+  inline T atomicMin(T* p, T v) {                                                           \
+    return emu::detail::atomic_update(p, [v](T old) { return v < old ? v : old; });         \
+  }                                                                                         \
+  inline T atomicMax(T* p, T v) {                                                           \
+    return emu::detail::atomic_update(p, [v](T old) { return old < v ? v : old; });         \
+  }                                                                                         \
+  inline T atomicCAS(T* p, T compare, T v) {                                                \
+    __atomic_compare_exchange_n(p, &compare, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); \
+    return compare; /* holds the old value whether or not the swap happened */              \
   }
 EMU_DEFINE_INT_ATOMICS(int)
 EMU_DEFINE_INT_ATOMICS(unsigned int)
@@ -355,7 +363,9 @@ inline float atomicAdd(float* p, float v) {
 inline double atomicAdd(double* p, double v) {
   return emu::detail::atomic_update(p, [v](double old) { return old + v; });
 }
-inline float atomicExch(float* p, float v) { return emu::detail::atomic_update(p, [v](float) { return v; }); }
+inline float atomicExch(float* p, float v) {
+  return emu::detail::atomic_update(p, [v](float) { return v; });
+}
 inline __half atomicAdd(__half* p, __half v) {
   return emu::detail::atomic_update(p, [v](__half old) { return __hadd(old, v); });
 }
