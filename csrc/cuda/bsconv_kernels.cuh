@@ -254,7 +254,7 @@ __device__ void stage_patch(op_t* B, int64_t ld, const Inputs<scalar_t>& in, int
 }
 
 template <typename scalar_t, int PROJ, int KH, int KW, int S>
-__global__ void __launch_bounds__(kThreads) bsconv_forward_kernel(ForwardParams<scalar_t> p) {
+__global__ void __launch_bounds__(kThreads, 1) bsconv_forward_kernel(ForwardParams<scalar_t> p) {
   using acc_t = typename AccOf<scalar_t>::type;
   using op_t = typename OperandOf<PROJ, acc_t>::type;
   BSCONV_DYNAMIC_SHARED(unsigned char, smem);
@@ -375,7 +375,7 @@ __device__ inline AxisLists axis_lists_view(const int* buf, int64_t count, int64
 // Calls f(padded position, image position) for the padded positions that can read the tile:
 // the tile's own interior span and the two borders (which remap into the image).
 template <typename F>
-__device__ inline void for_each_candidate(int64_t lo, int64_t count, int64_t size,
+__device__ __forceinline__ void for_each_candidate(int64_t lo, int64_t count, int64_t size,
                                           int64_t pad_lo, int64_t pad_hi, int mode, F f) {
   for (int64_t rp = 0; rp < pad_lo; ++rp) f(rp, remap_index(rp - pad_lo, size, mode));
   for (int64_t rp = lo + pad_lo; rp < lo + count + pad_lo; ++rp) f(rp, rp - pad_lo);
@@ -383,7 +383,7 @@ __device__ inline void for_each_candidate(int64_t lo, int64_t count, int64_t siz
     f(rp, remap_index(rp - pad_lo, size, mode));
 }
 
-__device__ inline void build_axis_lists(int* buf, int64_t lo, int64_t count, int64_t size,
+__device__ __forceinline__ void build_axis_lists(int* buf, int64_t lo, int64_t count, int64_t size,
                                         int64_t pad_lo, int64_t pad_hi, int64_t K, int64_t s,
                                         int64_t d, int64_t out_size, int mode,
                                         int64_t max_entries) {
@@ -437,7 +437,7 @@ __device__ void stage_tile(op_t* B, int64_t ld, const Inputs<scalar_t>& in, int6
 }
 
 template <typename scalar_t, int PROJ, int KH, int KW, int S>
-__global__ void __launch_bounds__(kThreads) bsconv_backward_kernel(BackwardParams<scalar_t> p) {
+__global__ void __launch_bounds__(kThreads, 1) bsconv_backward_kernel(BackwardParams<scalar_t> p) {
   using acc_t = typename AccOf<scalar_t>::type;
   using op_t = typename OperandOf<PROJ, acc_t>::type;
   BSCONV_DYNAMIC_SHARED(unsigned char, smem);
@@ -605,7 +605,7 @@ __global__ void __launch_bounds__(kThreads) bsconv_backward_kernel(BackwardParam
           for (int64_t e = thread_id(); e < g_rows * kc; e += block_threads()) {
             const int64_t r = e / kc, k = e % kc;
             acc_t acc = 0;
-            for (int64_t q = 0; q < Q; ++q) acc += G[r * t.ld + q] * acc_t(Bs[k * t.ld + q]);
+            for (int64_t q = 0; q < Q; ++q) acc += G[r * t.ld + q] * acc_t(to_float_acc(Bs[k * t.ld + q]));
             accumulate(part + off.w1 + r * g.M + m0 + k, acc, atomics);
           }
         }

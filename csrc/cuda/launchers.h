@@ -59,6 +59,14 @@ void set_smem_limit(Kernel kernel, size_t smem) {
   }
 }
 
+// After every launch: a failed launch (bad configuration, no kernel image) becomes an exception.
+inline void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("bsconv_fused: launch of ") + what +
+                             " failed: " + cudaGetErrorString(err));
+}
+
 template <typename scalar_t, int PROJ>
 struct ForwardLauncher {
   const ForwardParams<scalar_t>& p;
@@ -70,6 +78,7 @@ struct ForwardLauncher {
     set_smem_limit(kernel, c.smem.total);
     BSCONV_LAUNCH(kernel, dim3(unsigned(c.grid)), dim3(unsigned(c.block)), c.smem.total, stream,
                   p);
+    check_launch("bsconv_forward_kernel");
   }
 };
 
@@ -84,6 +93,7 @@ struct BackwardLauncher {
     set_smem_limit(kernel, c.smem.total);
     BSCONV_LAUNCH(kernel, dim3(unsigned(c.grid)), dim3(unsigned(c.block)), c.smem.total, stream,
                   p);
+    check_launch("bsconv_backward_kernel");
   }
 };
 
@@ -135,6 +145,22 @@ void launch_reduce_partials(const acc_t* partials, int64_t blocks, int64_t size,
   const int64_t grid = std::min<int64_t>(div_up(size, kThreads), 65535);
   BSCONV_LAUNCH(reduce_partials_kernel<acc_t>, dim3(unsigned(grid)), dim3(kThreads), 0, stream,
                 partials, blocks, size, out);
+  check_launch("reduce_partials_kernel");
 }
+
+#if !BSCONV_EMULATOR
+// The GPU build compiles the kernels of each dtype in its own translation unit
+// (instantiate_*.cu) so that they build in parallel.
+#define BSCONV_DECLARE_LAUNCHERS(T)                                                          \
+  extern template void launch_forward<T>(const ForwardParams<T>&, const ForwardConfig&, int, \
+                                         cudaStream_t);                                      \
+  extern template void launch_backward<T>(const BackwardParams<T>&, const BackwardConfig&,   \
+                                          int, cudaStream_t);
+BSCONV_DECLARE_LAUNCHERS(float)
+BSCONV_DECLARE_LAUNCHERS(double)
+BSCONV_DECLARE_LAUNCHERS(__half)
+BSCONV_DECLARE_LAUNCHERS(__nv_bfloat16)
+#undef BSCONV_DECLARE_LAUNCHERS
+#endif
 
 }  // namespace bsconv::cuda
