@@ -22,6 +22,13 @@
 #include "cuda/emu/launch.h"
 #include "cuda/tile_config.h"
 
+// Test-only fault injection (tests/test_planted_bugs.py proves the emulator catches these in the
+// real kernel): 1 drops a barrier, 2 writes past the output tile, 3 reads padding from x[-1].
+// Always 0 in the extension builds.
+#ifndef BSCONV_PLANT
+#define BSCONV_PLANT 0
+#endif
+
 namespace bsconv::cuda {
 
 // ------------------------------------------------------------------------------------------------
@@ -246,7 +253,7 @@ __device__ void stage_patch(op_t* B, int64_t ld, const Inputs<scalar_t>& in, int
     val_t v = 0;
     if (m < M && q < P) {
       const int sr = src_row[q / pw], sc = src_col[q % pw];
-      if (sr >= 0 && sc >= 0)
+      if (BSCONV_PLANT == 3 || (sr >= 0 && sc >= 0))
         v = val_t(to_float_acc(in.x[b * in.xs[0] + m * in.xs[1] + sr * in.xs[2] + sc * in.xs[3]]));
     }
     B[e] = to_operand<op_t>(v);
@@ -292,7 +299,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsconv_forward_kernel(ForwardPara
     if (!g.subspace()) {
       for (int64_t m0 = 0; m0 < g.M; m0 += kChunk) {
         stage_patch(Bs, t.ld, p.in, b, m0, g.M, src_row, src_col, pw, P);
-        __syncthreads();
+        if (BSCONV_PLANT != 1) __syncthreads();
         block_gemm_acc<PROJ>(V, t.ld, rows, t.nc_pad, t.ld, p.in.w1 + n0 * g.M, g.M, m0, g.M,
                              Bs, t.ld, aw);
         __syncthreads();
@@ -340,7 +347,8 @@ __global__ void __launch_bounds__(kThreads, 1) bsconv_forward_kernel(ForwardPara
           acc += acc_t(to_float_acc(taps[kh * kw_n + kw])) * vn[kh * g.dh * pw + kw * g.dw];
         }
       }
-      p.y[b * p.ys[0] + (n0 + n) * p.ys[1] + (oh0 + i) * p.ys[2] + (ow0 + j) * p.ys[3]] =
+      p.y[b * p.ys[0] + (n0 + n) * p.ys[1] + (oh0 + i) * p.ys[2] +
+          (ow0 + j + (BSCONV_PLANT == 2)) * p.ys[3]] =
           Cast<scalar_t>::from(acc);
     }
     __syncthreads();  // the next task reuses the shared buffers
