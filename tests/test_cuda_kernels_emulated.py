@@ -9,13 +9,12 @@ activations, deterministic and atomic weight-gradient reduction.
 
 from __future__ import annotations
 
-
+import bsconv_fused._emu  # noqa: F401  (registers bsconv_fused_emu::*)
 import pytest
 import torch
-
-import bsconv_fused._emu  # noqa: F401  (registers bsconv_fused_emu::*)
-from bsconv_fused._args import normalize
 from helpers import assert_accurate, make_problem, max_err
+
+from bsconv_fused._args import normalize
 
 SIMT, WMMA_HALF, WMMA_BF16, WMMA_TF32 = 0, 1, 2, 3
 PROJ_OF = {torch.float64: [SIMT], torch.float32: [SIMT, WMMA_TF32],
@@ -90,7 +89,10 @@ KERNEL_SHAPES = [
 def test_every_instantiation(dtype, proj, K, stride, padding, dilation, variant):
     p = make_problem(variant, B=2, M=20, N=24, mid=6, H=11, W=10, K=K, stride=stride,
                      padding=padding, dilation=dilation, padding_mode="reflect",
-                     mid_activation="hardswish" if proj != WMMA_TF32 else None,
+                     # Activations run in float64 below (test_options_float64): in low precision
+                     # a pre-activation within rounding of a kink (hardswish' jumps by 0.5 at +-3)
+                     # flips the derivative arbitrarily in both the fused and the unfused path.
+                     mid_activation="hardswish" if dtype == torch.float64 else None,
                      mid_affine=True, seed=hash((K, stride, variant)) % 1000).cast(dtype)
     gy = torch.randn(ref_shape(p), dtype=torch.float64,
                      generator=torch.Generator().manual_seed(7))
@@ -205,7 +207,8 @@ def test_launch_config_respects_limits(B, M, N, H, W, K, proj):
     for smem in (48 * 1024, 163 * 1024, 227 * 1024):
         for det in (False, True):
             f_ok, f_grid, f_block, f_smem, f_tasks, b_ok, b_grid, b_block, b_smem, b_tasks = (
-                emu.config(x, pw, None, dw, [1, 1], [K // 2] * 4, [1, 1], 0, proj, smem, det))
+                emu.config(x, pw, None, dw, [1, 1], [K // 2] * 4, [1, 1], 0, proj, smem,
+                           det)[:10])
             assert f_ok == 1
             assert 1 <= f_grid <= 2**31 - 1 and f_block <= 1024 and f_smem <= smem
             assert f_tasks >= f_grid

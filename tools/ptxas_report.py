@@ -94,7 +94,8 @@ def main() -> int:
         logs = list(pool.map(lambda s: compile_one(s, archs, nvcc, includes), sources))
     rows = [r for log in logs for r in parse(log)]
     names = demangle(sorted({r["name"] for r in rows}))
-    lines = ["| kernel | arch | registers | stack bytes | spill stores | spill loads | static smem |",
+    lines = ["| kernel | arch | registers | stack bytes | spill stores | spill loads | "
+             "static smem |",
              "|---|---|---|---|---|---|---|"]
     bad = []
     for r in sorted(rows, key=lambda r: (names[r["name"]], r["arch"])):

@@ -1,10 +1,11 @@
 // Fused BSConv CUDA kernels: device code only (no torch types). Compiled by nvcc for GPUs and, the
 // same source, by the host compiler under the CUDA emulator (cuda/emu) for the tests.
 //
-// Forward, one launch: each block task is (image, channel chunk, output tile). It gathers the
-// input patch the tile reads (padding remap), projects it chunk by chunk into shared memory
-// (BSConv-S: through the M' subspace, 16 channels at a time), applies the mid transform, then runs
-// the valid depthwise conv from shared memory and writes y. v never reaches global memory.
+// Forward, one launch: each block task is (image, group of channel chunks, output tile). It
+// gathers the input patch the tile reads (padding remap), projects it into shared memory
+// (BSConv-S: first the whole M' subspace of the patch, shared by the group's chunks), applies the
+// mid transform, then runs the valid depthwise conv from shared memory and writes y, chunk by
+// chunk. v never reaches global memory.
 //
 // Backward, one launch: each block task is (image, v-space tile) with all N channels. It
 // recomputes v (and u) for the tile, then per channel: the blueprint gradient over the (output,
@@ -279,79 +280,85 @@ __global__ void __launch_bounds__(kThreads, 1) bsconv_forward_kernel(ForwardPara
 
   for (int64_t task = blockIdx.x; task < t.tasks; task += gridDim.x) {
     const int64_t tile = task % tiles, rest = task / tiles;
-    const int64_t chunk = rest % t.chunks, b = rest / t.chunks;
+    const int64_t group = rest % t.groups, b = rest / t.groups;
     const int64_t oh0 = (tile / t.tiles_w) * t.th, ow0 = (tile % t.tiles_w) * t.tw;
     const int64_t th = t.th < g.Ho - oh0 ? t.th : g.Ho - oh0;
     const int64_t tw = t.tw < g.Wo - ow0 ? t.tw : g.Wo - ow0;
     const int64_t ph = (th - 1) * sh + (kh_n - 1) * g.dh + 1;
     const int64_t pw = (tw - 1) * sw + (kw_n - 1) * g.dw + 1;
     const int64_t P = ph * pw;
-    const int64_t n0 = chunk * t.nc;
-    const int64_t rows = t.nc < g.N - n0 ? t.nc : g.N - n0;
+    const int64_t chunk_end = (group + 1) * t.group < t.chunks ? (group + 1) * t.group : t.chunks;
 
-    // Patch stage: source pixel of every patch row / column, then the projection(s).
+    // Patch stage: source pixel of every patch row / column; BSConv-S: the subspace u of the
+    // patch, once for the whole group of chunks.
     for (int64_t i = thread_id(); i < ph; i += block_threads())
       src_row[i] = int(remap_index(oh0 * sh - g.pt + i, g.H, g.mode));
     for (int64_t i = thread_id(); i < pw; i += block_threads())
       src_col[i] = int(remap_index(ow0 * sw - g.pl + i, g.W, g.mode));
-    block_fill_zero(V, t.nc_pad * t.ld);
-    __syncthreads();
-    if (!g.subspace()) {
+    if (g.subspace()) {
+      block_fill_zero(U, t.mid_pad * t.ld);
+      __syncthreads();
       for (int64_t m0 = 0; m0 < g.M; m0 += kChunk) {
         stage_patch(Bs, t.ld, p.in, b, m0, g.M, src_row, src_col, pw, P);
-        if (BSCONV_PLANT != 1) __syncthreads();
-        block_gemm_acc<PROJ>(V, t.ld, rows, t.nc_pad, t.ld, p.in.w1 + n0 * g.M, g.M, m0, g.M,
-                             Bs, t.ld, aw);
+        __syncthreads();
+        block_gemm_acc<PROJ>(U, t.ld, g.Mmid, t.mid_pad, t.ld, p.in.w1, g.M, m0, g.M, Bs, t.ld,
+                             aw);
         __syncthreads();
       }
-    } else {
-      for (int64_t u0 = 0; u0 < g.Mmid; u0 += kChunk) {
-        const int64_t urows = kChunk < g.Mmid - u0 ? kChunk : g.Mmid - u0;
-        block_fill_zero(U, kChunk * t.ld);
-        __syncthreads();
+    }
+    for (int64_t chunk = group * t.group; chunk < chunk_end; ++chunk) {
+      const int64_t n0 = chunk * t.nc;
+      const int64_t rows = t.nc < g.N - n0 ? t.nc : g.N - n0;
+      block_fill_zero(V, t.nc_pad * t.ld);
+      __syncthreads();
+      if (!g.subspace()) {
         for (int64_t m0 = 0; m0 < g.M; m0 += kChunk) {
           stage_patch(Bs, t.ld, p.in, b, m0, g.M, src_row, src_col, pw, P);
-          __syncthreads();
-          block_gemm_acc<PROJ>(U, t.ld, urows, kChunk, t.ld, p.in.w1 + u0 * g.M, g.M, m0, g.M,
+          if (BSCONV_PLANT != 1) __syncthreads();
+          block_gemm_acc<PROJ>(V, t.ld, rows, t.nc_pad, t.ld, p.in.w1 + n0 * g.M, g.M, m0, g.M,
                                Bs, t.ld, aw);
           __syncthreads();
         }
-        for (int64_t e = thread_id(); e < kChunk * t.ld; e += block_threads())
-          Bs[e] = to_operand<op_t>(U[e]);
-        __syncthreads();
-        block_gemm_acc<PROJ>(V, t.ld, rows, t.nc_pad, t.ld, p.in.w2 + n0 * g.Mmid, g.Mmid, u0,
-                             g.Mmid, Bs, t.ld, aw);
-        __syncthreads();
-      }
-    }
-    if (g.has_mid()) {
-      for (int64_t e = thread_id(); e < rows * P; e += block_threads()) {
-        const int64_t n = e / P, q = e % P;
-        acc_t& v = V[n * t.ld + q];
-        const bool inside = src_row[q / pw] >= 0 && src_col[q % pw] >= 0;
-        const acc_t s = p.in.scale ? acc_t(to_float_acc(p.in.scale[n0 + n])) : acc_t(1);
-        const acc_t z = p.in.shift ? acc_t(to_float_acc(p.in.shift[n0 + n])) : acc_t(0);
-        v = inside ? activate(v * s + z, g.act) : acc_t(0);
-      }
-      __syncthreads();
-    }
-
-    // Depthwise stage: a valid conv over the patch, no bounds checks.
-    for (int64_t e = thread_id(); e < rows * th * tw; e += block_threads()) {
-      const int64_t n = e / (th * tw), i = (e / tw) % th, j = e % tw;
-      const acc_t* vn = V + n * t.ld + (i * sh) * pw + j * sw;
-      const scalar_t* taps = p.in.dw + (n0 + n) * kh_n * kw_n;
-      acc_t acc = p.in.bias ? acc_t(to_float_acc(p.in.bias[n0 + n])) : acc_t(0);
-      for (int64_t kh = 0; kh < kh_n; ++kh) {
-        for (int64_t kw = 0; kw < kw_n; ++kw) {
-          acc += acc_t(to_float_acc(taps[kh * kw_n + kw])) * vn[kh * g.dh * pw + kw * g.dw];
+      } else {
+        for (int64_t u0 = 0; u0 < g.Mmid; u0 += kChunk) {
+          for (int64_t e = thread_id(); e < kChunk * t.ld; e += block_threads()) {
+            const int64_t k = e / t.ld;
+            Bs[e] = to_operand<op_t>(u0 + k < g.Mmid ? U[(u0 + k) * t.ld + e % t.ld] : acc_t(0));
+          }
+          __syncthreads();
+          block_gemm_acc<PROJ>(V, t.ld, rows, t.nc_pad, t.ld, p.in.w2 + n0 * g.Mmid, g.Mmid, u0,
+                               g.Mmid, Bs, t.ld, aw);
+          __syncthreads();
         }
       }
-      p.y[b * p.ys[0] + (n0 + n) * p.ys[1] + (oh0 + i) * p.ys[2] +
-          (ow0 + j + (BSCONV_PLANT == 2)) * p.ys[3]] =
-          Cast<scalar_t>::from(acc);
+      if (g.has_mid()) {
+        for (int64_t e = thread_id(); e < rows * P; e += block_threads()) {
+          const int64_t n = e / P, q = e % P;
+          acc_t& v = V[n * t.ld + q];
+          const bool inside = src_row[q / pw] >= 0 && src_col[q % pw] >= 0;
+          const acc_t s = p.in.scale ? acc_t(to_float_acc(p.in.scale[n0 + n])) : acc_t(1);
+          const acc_t z = p.in.shift ? acc_t(to_float_acc(p.in.shift[n0 + n])) : acc_t(0);
+          v = inside ? activate(v * s + z, g.act) : acc_t(0);
+        }
+        __syncthreads();
+      }
+
+      // Depthwise stage: a valid conv over the patch, no bounds checks.
+      for (int64_t e = thread_id(); e < rows * th * tw; e += block_threads()) {
+        const int64_t n = e / (th * tw), i = (e / tw) % th, j = e % tw;
+        const acc_t* vn = V + n * t.ld + (i * sh) * pw + j * sw;
+        const scalar_t* taps = p.in.dw + (n0 + n) * kh_n * kw_n;
+        acc_t acc = p.in.bias ? acc_t(to_float_acc(p.in.bias[n0 + n])) : acc_t(0);
+        for (int64_t kh = 0; kh < kh_n; ++kh) {
+          for (int64_t kw = 0; kw < kw_n; ++kw) {
+            acc += acc_t(to_float_acc(taps[kh * kw_n + kw])) * vn[kh * g.dh * pw + kw * g.dw];
+          }
+        }
+        p.y[b * p.ys[0] + (n0 + n) * p.ys[1] + (oh0 + i) * p.ys[2] +
+            (ow0 + j + (BSCONV_PLANT == 2)) * p.ys[3]] = Cast<scalar_t>::from(acc);
+      }
+      __syncthreads();  // the next chunk / task reuses the shared buffers
     }
-    __syncthreads();  // the next task reuses the shared buffers
   }
 }
 

@@ -40,8 +40,11 @@ struct ForwardTiles {
   int64_t th = 1, tw = 1;        // output tile
   int64_t ph = 1, pw = 1;        // patch of v read by the tile
   int64_t ld = 16;               // row stride of patch buffers (>= ph * pw, multiple of 16)
-  int64_t nc = 1, nc_pad = 16;   // output channels per block task
-  int64_t tiles_h = 0, tiles_w = 0, chunks = 0, tasks = 0;
+  int64_t nc = 1, nc_pad = 16;   // output channels per chunk
+  int64_t mid_pad = 0;           // BSConv-S: rows of the subspace buffer (all M')
+  int64_t tiles_h = 0, tiles_w = 0, chunks = 0;
+  int64_t group = 1, groups = 1; // channel chunks per task (BSConv-S shares u across them)
+  int64_t tasks = 0;             // B * groups * tiles
   SmemLayout smem;
 };
 
@@ -77,7 +80,7 @@ inline int64_t operand_size(int proj, int64_t elem_size) {
 }
 
 inline SmemLayout forward_layout(const Geometry& g, int proj, int64_t elem_size, int64_t nc_pad,
-                                 int64_t ph, int64_t pw, int64_t ld) {
+                                 int64_t mid_pad, int64_t ph, int64_t pw, int64_t ld) {
   const size_t acc = size_t(acc_size(elem_size)), op = size_t(operand_size(proj, elem_size));
   SmemLayout s;
   size_t at = 0;
@@ -88,7 +91,7 @@ inline SmemLayout forward_layout(const Geometry& g, int proj, int64_t elem_size,
   };
   s.v = take(size_t(nc_pad * ld) * acc);
   s.b = take(size_t(kChunk * ld) * op);
-  s.u = take(g.subspace() ? size_t(kChunk * ld) * acc : 0);
+  s.u = take(size_t(mid_pad * ld) * acc);
   s.aw = take(proj == kSimt ? 0 : size_t(kWarps * 16 * kChunk) * op);
   s.rows = take(size_t(ph) * sizeof(int));
   s.cols = take(size_t(pw) * sizeof(int));
@@ -97,20 +100,25 @@ inline SmemLayout forward_layout(const Geometry& g, int proj, int64_t elem_size,
 }
 
 // Output tile and channel chunk: the largest that fits the shared memory, starting from a
-// 8 x 16 tile and 32 channels, shrinking the channels, then the tile.
+// 16 x 16 tile and 32 channels, shrinking the channels, then the tile. BSConv-S keeps the whole
+// M'-channel subspace of the patch in shared memory, computed once per task and shared by the
+// task's group of channel chunks; groups are split only as far as needed to give every SM work
+// (each split recomputes the subspace once more). BSConv-U tasks take one chunk each (nothing
+// is shared between chunks but the L2-resident input).
 inline ForwardConfig forward_config(const Geometry& g, int proj, int64_t elem_size,
                                     const Limits& lim) {
   ForwardConfig c;
   const int64_t align_n = proj == kSimt ? 1 : 16;
-  c.th = std::max<int64_t>(1, std::min<int64_t>(g.Ho, 8));
+  c.th = std::max<int64_t>(1, std::min<int64_t>(g.Ho, 16));
   c.tw = std::max<int64_t>(1, std::min<int64_t>(g.Wo, 16));
   c.nc = std::min<int64_t>(g.N, 32);
+  c.mid_pad = g.subspace() ? round_up(g.Mmid, align_n) : 0;
   for (;;) {
     c.ph = (c.th - 1) * g.sh + (g.Kh - 1) * g.dh + 1;
     c.pw = (c.tw - 1) * g.sw + (g.Kw - 1) * g.dw + 1;
     c.ld = round_up(c.ph * c.pw, 16);
     c.nc_pad = round_up(c.nc, align_n);
-    c.smem = forward_layout(g, proj, elem_size, c.nc_pad, c.ph, c.pw, c.ld);
+    c.smem = forward_layout(g, proj, elem_size, c.nc_pad, c.mid_pad, c.ph, c.pw, c.ld);
     if (int64_t(c.smem.total) <= lim.smem_bytes) break;
     if (c.nc > 16) {
       c.nc = std::max<int64_t>(16, c.nc / 2);
@@ -127,10 +135,28 @@ inline ForwardConfig forward_config(const Geometry& g, int proj, int64_t elem_si
       return c;
     }
   }
+  // Small images: smaller tiles until there is a task for every SM (down to 4 x 4 outputs).
+  const int64_t per_tile = g.subspace() ? 1 : div_up(g.N, c.nc);
+  while (g.B * div_up(g.Ho, c.th) * div_up(g.Wo, c.tw) * per_tile < lim.num_sms &&
+         (c.th > 4 || c.tw > 4)) {
+    if (c.th >= c.tw) c.th = div_up(c.th, 2); else c.tw = div_up(c.tw, 2);
+    c.ph = (c.th - 1) * g.sh + (g.Kh - 1) * g.dh + 1;
+    c.pw = (c.tw - 1) * g.sw + (g.Kw - 1) * g.dw + 1;
+    c.ld = round_up(c.ph * c.pw, 16);
+    c.smem = forward_layout(g, proj, elem_size, c.nc_pad, c.mid_pad, c.ph, c.pw, c.ld);
+  }
   c.tiles_h = div_up(g.Ho, c.th);
   c.tiles_w = div_up(g.Wo, c.tw);
   c.chunks = div_up(g.N, c.nc);
-  c.tasks = g.B * c.chunks * c.tiles_h * c.tiles_w;
+  c.group = 1;
+  if (g.subspace()) {
+    const int64_t tiles = g.B * c.tiles_h * c.tiles_w;
+    const int64_t wanted = lim.num_sms;  // tasks that keep every SM busy
+    const int64_t splits = std::min<int64_t>(c.chunks, std::max<int64_t>(1, div_up(wanted, tiles)));
+    c.group = div_up(c.chunks, splits);
+  }
+  c.groups = div_up(c.chunks, c.group);
+  c.tasks = g.B * c.groups * c.tiles_h * c.tiles_w;
   c.grid = std::min<int64_t>(std::max<int64_t>(c.tasks, 1), kMaxGrid);
   c.ok = true;
   return c;
@@ -191,6 +217,16 @@ inline BackwardConfig backward_config(const Geometry& g, int proj, int64_t elem_
                 " bytes, more than the " + std::to_string(lim.smem_bytes) + " available";
       return c;
     }
+  }
+  // Small images: smaller tiles until there is a task for every SM (down to 2 x 2 pixels).
+  while (g.B * div_up(g.H, c.th) * div_up(g.W, c.tw) < lim.num_sms && (c.th > 2 || c.tw > 2)) {
+    if (c.th >= c.tw) c.th = div_up(c.th, 2); else c.tw = div_up(c.tw, 2);
+    c.q = c.th * c.tw;
+    c.ld = round_up(c.q, 16);
+    c.max_row_entries = max_axis_entries(c.th, g.pt, g.pb, g.Kh);
+    c.max_col_entries = max_axis_entries(c.tw, g.pl, g.pr, g.Kw);
+    c.smem = backward_layout(g, proj, elem_size, c.n_pad, c.mid_pad, c.ld, c.th, c.tw,
+                             c.max_row_entries, c.max_col_entries);
   }
   c.tiles_h = g.H > 0 ? div_up(g.H, c.th) : 0;
   c.tiles_w = g.W > 0 ? div_up(g.W, c.tw) : 0;

@@ -117,21 +117,26 @@ GradTuple backward_emu(const at::Tensor& grad_y, const at::Tensor& x, const at::
   }
 }
 
-// The launch configuration the real launcher would use, for tests of the config function.
+// The launch configuration the real launcher would use, for tests of the config function and
+// the traffic model: [ok, grid, block, smem, tasks] forward, the same backward, then the forward
+// tile (th, tw), channel chunk, patch (ph, pw), the backward tile (th, tw), and the forward's
+// channel chunks per task.
 std::vector<int64_t> config_emu(const at::Tensor& x, const at::Tensor& pw1,
                                 const std::optional<at::Tensor>& pw2, const at::Tensor& dw,
                                 at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, int64_t padding_mode, int64_t proj,
-                                int64_t smem_bytes, bool deterministic) {
+                                int64_t smem_bytes, bool deterministic, int64_t num_sms) {
   const Geometry g = make_geometry("config", x, pw1, pw2, dw, {}, {}, {}, stride, padding,
                                    dilation, padding_mode, 0);
   Limits lim;
   lim.smem_bytes = smem_bytes;
+  lim.num_sms = num_sms;
   const int64_t es = int64_t(x.element_size());
   const ForwardConfig f = forward_config(g, int(proj), es, lim);
   const BackwardConfig b = backward_config(g, int(proj), es, deterministic, lim);
   return {f.ok, f.grid, f.block, int64_t(f.smem.total), f.tasks,
-          b.ok, b.grid, b.block, int64_t(b.smem.total), b.tasks};
+          b.ok, b.grid, b.block, int64_t(b.smem.total), b.tasks,
+          f.th, f.tw, f.nc, f.ph, f.pw, b.th, b.tw, f.group};
 }
 
 }  // namespace
@@ -151,7 +156,7 @@ TORCH_LIBRARY(bsconv_fused_emu, m) {
   m.def(
       "config(Tensor x, Tensor pw1_weight, Tensor? pw2_weight, Tensor dw_weight, int[2] stride, "
       "int[4] padding, int[2] dilation, int padding_mode, int proj, int smem_bytes, "
-      "bool deterministic) -> int[]");
+      "bool deterministic, int num_sms=108) -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(bsconv_fused_emu, CPU, m) {
