@@ -1,16 +1,21 @@
 """bsconv-fused: fused Blueprint Separable Convolutions (BSConv-U / BSConv-S) for PyTorch."""
 
-from . import functional, reference
+from . import functional, models, reference
 from ._extension import extension_available, extension_error, use_reference
+from .convert import convert
 from .modules import BSConvS, BSConvU, orthonormal_loss
+from .profile import profile
 
 __all__ = [
     "BSConvS",
     "BSConvU",
+    "convert",
     "extension_available",
     "extension_error",
     "functional",
+    "models",
     "orthonormal_loss",
+    "profile",
     "reference",
     "use_reference",
 ]
