@@ -1,6 +1,6 @@
 """bsconv-fused: fused Blueprint Separable Convolutions (BSConv-U / BSConv-S) for PyTorch."""
 
-from . import functional, models, reference
+from . import analysis, decompose, functional, models, reference
 from ._extension import extension_available, extension_error, use_reference
 from .convert import convert
 from .modules import BSConvS, BSConvU, orthonormal_loss
@@ -9,7 +9,9 @@ from .profile import profile
 __all__ = [
     "BSConvS",
     "BSConvU",
+    "analysis",
     "convert",
+    "decompose",
     "extension_available",
     "extension_error",
     "functional",
