@@ -67,58 +67,63 @@ inline void check_launch(const char* what) {
                              " failed: " + cudaGetErrorString(err));
 }
 
-template <typename scalar_t, int PROJ>
-struct ForwardLauncher {
-  const ForwardParams<scalar_t>& p;
-  const ForwardConfig& c;
-  cudaStream_t stream;
-  template <int KH, int KW, int S>
-  void operator()() const {
-    auto kernel = bsconv_forward_kernel<scalar_t, PROJ, KH, KW, S>;
-    set_smem_limit(kernel, c.smem.total);
-    BSCONV_LAUNCH(kernel, dim3(unsigned(c.grid)), dim3(unsigned(c.block)), c.smem.total, stream,
-                  p);
-    check_launch("bsconv_forward_kernel");
+// The kernel template behind each parameter type.
+template <typename Params>
+struct KernelFor;
+template <typename T>
+struct KernelFor<ForwardParams<T>> {
+  static constexpr const char* name = "bsconv_forward_kernel";
+  template <int PROJ, int KH, int KW, int S>
+  static auto get() {
+    return bsconv_forward_kernel<T, PROJ, KH, KW, S>;
+  }
+};
+template <typename T>
+struct KernelFor<BackwardParams<T>> {
+  static constexpr const char* name = "bsconv_backward_kernel";
+  template <int PROJ, int KH, int KW, int S>
+  static auto get() {
+    return bsconv_backward_kernel<T, PROJ, KH, KW, S>;
   }
 };
 
-template <typename scalar_t, int PROJ>
-struct BackwardLauncher {
-  const BackwardParams<scalar_t>& p;
-  const BackwardConfig& c;
+// Launches the kernel of Params for one projection mode and kernel-shape specialization.
+template <int PROJ, typename Params, typename Config>
+struct Launcher {
+  const Params& p;
+  const Config& c;
   cudaStream_t stream;
   template <int KH, int KW, int S>
   void operator()() const {
-    auto kernel = bsconv_backward_kernel<scalar_t, PROJ, KH, KW, S>;
+    auto kernel = KernelFor<Params>::template get<PROJ, KH, KW, S>();
     set_smem_limit(kernel, c.smem.total);
     BSCONV_LAUNCH(kernel, dim3(unsigned(c.grid)), dim3(unsigned(c.block)), c.smem.total, stream,
                   p);
-    check_launch("bsconv_backward_kernel");
+    check_launch(KernelFor<Params>::name);
   }
 };
 
-// Launches Launcher<scalar_t, PROJ> for the runtime projection mode (only the pairs that a dtype
+// Launches Launcher<PROJ, ...> for the runtime projection mode (only the pairs that a dtype
 // supports are instantiated).
-template <template <typename, int> class Launcher, typename scalar_t, typename Params,
-          typename Config>
+template <typename scalar_t, typename Params, typename Config>
 void launch_with_proj(const Params& p, const Config& c, int proj, cudaStream_t stream) {
   if (c.tasks == 0) return;
   switch (proj) {
     case kWmmaHalf:
       if constexpr (proj_supported<scalar_t>(kWmmaHalf))
-        return dispatch_kernel_shape(p.g, Launcher<scalar_t, kWmmaHalf>{p, c, stream});
+        return dispatch_kernel_shape(p.g, Launcher<kWmmaHalf, Params, Config>{p, c, stream});
       break;
     case kWmmaBf16:
       if constexpr (proj_supported<scalar_t>(kWmmaBf16))
-        return dispatch_kernel_shape(p.g, Launcher<scalar_t, kWmmaBf16>{p, c, stream});
+        return dispatch_kernel_shape(p.g, Launcher<kWmmaBf16, Params, Config>{p, c, stream});
       break;
     case kWmmaTf32:
       if constexpr (proj_supported<scalar_t>(kWmmaTf32))
-        return dispatch_kernel_shape(p.g, Launcher<scalar_t, kWmmaTf32>{p, c, stream});
+        return dispatch_kernel_shape(p.g, Launcher<kWmmaTf32, Params, Config>{p, c, stream});
       break;
     default:
       if constexpr (proj_supported<scalar_t>(kSimt))
-        return dispatch_kernel_shape(p.g, Launcher<scalar_t, kSimt>{p, c, stream});
+        return dispatch_kernel_shape(p.g, Launcher<kSimt, Params, Config>{p, c, stream});
       break;
   }
   throw std::invalid_argument("bsconv_fused: projection mode " + std::to_string(proj) +
@@ -128,13 +133,13 @@ void launch_with_proj(const Params& p, const Config& c, int proj, cudaStream_t s
 template <typename scalar_t>
 void launch_forward(const ForwardParams<scalar_t>& p, const ForwardConfig& c, int proj,
                     cudaStream_t stream) {
-  launch_with_proj<ForwardLauncher, scalar_t>(p, c, proj, stream);
+  launch_with_proj<scalar_t>(p, c, proj, stream);
 }
 
 template <typename scalar_t>
 void launch_backward(const BackwardParams<scalar_t>& p, const BackwardConfig& c, int proj,
                      cudaStream_t stream) {
-  launch_with_proj<BackwardLauncher, scalar_t>(p, c, proj, stream);
+  launch_with_proj<scalar_t>(p, c, proj, stream);
 }
 
 // Deterministic mode: out = fixed-order sum of the per-block partials.

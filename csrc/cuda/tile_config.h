@@ -79,23 +79,28 @@ inline int64_t operand_size(int proj, int64_t elem_size) {
   return proj == kWmmaHalf || proj == kWmmaBf16 ? 2 : acc_size(elem_size);
 }
 
+// Hands out consecutive 128-byte-aligned slices of the dynamic shared memory.
+struct SmemArena {
+  size_t used = 0;
+  size_t take(size_t bytes) {
+    const size_t at = used;
+    used += align_bytes(bytes);
+    return at;
+  }
+};
+
 inline SmemLayout forward_layout(const Geometry& g, int proj, int64_t elem_size, int64_t nc_pad,
                                  int64_t mid_pad, int64_t ph, int64_t pw, int64_t ld) {
   const size_t acc = size_t(acc_size(elem_size)), op = size_t(operand_size(proj, elem_size));
   SmemLayout s;
-  size_t at = 0;
-  auto take = [&](size_t bytes) {
-    const size_t o = at;
-    at += align_bytes(bytes);
-    return o;
-  };
-  s.v = take(size_t(nc_pad * ld) * acc);
-  s.b = take(size_t(kChunk * ld) * op);
-  s.u = take(size_t(mid_pad * ld) * acc);
-  s.aw = take(proj == kSimt ? 0 : size_t(kWarps * 16 * kChunk) * op);
-  s.rows = take(size_t(ph) * sizeof(int));
-  s.cols = take(size_t(pw) * sizeof(int));
-  s.total = at;
+  SmemArena arena;
+  s.v = arena.take(size_t(nc_pad * ld) * acc);
+  s.b = arena.take(size_t(kChunk * ld) * op);
+  s.u = arena.take(size_t(mid_pad * ld) * acc);
+  s.aw = arena.take(proj == kSimt ? 0 : size_t(kWarps * 16 * kChunk) * op);
+  s.rows = arena.take(size_t(ph) * sizeof(int));
+  s.cols = arena.take(size_t(pw) * sizeof(int));
+  s.total = arena.used;
   return s;
 }
 
@@ -173,21 +178,16 @@ inline SmemLayout backward_layout(const Geometry& g, int proj, int64_t elem_size
                                   int64_t row_entries, int64_t col_entries) {
   const size_t acc = size_t(acc_size(elem_size)), op = size_t(operand_size(proj, elem_size));
   SmemLayout s;
-  size_t at = 0;
-  auto take = [&](size_t bytes) {
-    const size_t o = at;
-    at += align_bytes(bytes);
-    return o;
-  };
-  s.v = take(size_t(n_pad * ld) * acc);
-  s.b = take(size_t(kChunk * ld) * op);
-  s.u = take(size_t(mid_pad * ld) * acc);
-  s.gu = take(size_t(mid_pad * ld) * acc);
-  s.aw = take(proj == kSimt ? 0 : size_t(kWarps * 16 * kChunk) * op);
+  SmemArena arena;
+  s.v = arena.take(size_t(n_pad * ld) * acc);
+  s.b = arena.take(size_t(kChunk * ld) * op);
+  s.u = arena.take(size_t(mid_pad * ld) * acc);
+  s.gu = arena.take(size_t(mid_pad * ld) * acc);
+  s.aw = arena.take(proj == kSimt ? 0 : size_t(kWarps * 16 * kChunk) * op);
   // Per axis: the (output, tap) lists of build_axis_lists (bsconv_kernels.cuh).
-  s.rows = take(size_t((th + 1) + (g.Kh + 1) + (th + g.Kh) + 4 * row_entries) * sizeof(int));
-  s.cols = take(size_t((tw + 1) + (g.Kw + 1) + (tw + g.Kw) + 4 * col_entries) * sizeof(int));
-  s.total = at;
+  s.rows = arena.take(size_t((th + 1) + (g.Kh + 1) + (th + g.Kh) + 4 * row_entries) * sizeof(int));
+  s.cols = arena.take(size_t((tw + 1) + (g.Kw + 1) + (tw + g.Kw) + 4 * col_entries) * sizeof(int));
+  s.total = arena.used;
   return s;
 }
 
