@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/OptionalArrayRef.h>
 
+#include <array>
 #include <optional>
 
 #include "common/bsconv_math.h"
@@ -118,6 +119,26 @@ inline Geometry make_geometry(const char* op, const at::Tensor& x, const at::Ten
   g.Ho = conv_out_size(g.H, g.pt, g.pb, g.Kh, g.sh, g.dh);
   g.Wo = conv_out_size(g.W, g.pl, g.pr, g.Kw, g.sw, g.dw);
   return g;
+}
+
+// The backward's incoming gradient must have the output's shape, dtype and device.
+inline void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                         const Geometry& g) {
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == g.B && grad_y.size(1) == g.N &&
+                  grad_y.size(2) == g.Ho && grad_y.size(3) == g.Wo,
+              op, ": grad_y must have shape [", g.B, ", ", g.N, ", ", g.Ho, ", ", g.Wo,
+              "], got ", grad_y.sizes());
+  check_same(op, "grad_y", grad_y, x);
+}
+
+// The gradients asked for whose inputs exist, in the order (x, pw1_weight, pw2_weight,
+// dw_weight, dw_bias, mid_scale, mid_shift).
+inline std::array<bool, 7> requested_gradients(const std::array<bool, 7>& output_mask,
+                                               const Geometry& g) {
+  const bool present[7] = {true, true, g.subspace(), true, g.has_bias, g.has_scale, g.has_shift};
+  std::array<bool, 7> mask;
+  for (int i = 0; i < 7; ++i) mask[i] = output_mask[i] && present[i];
+  return mask;
 }
 
 }  // namespace bsconv

@@ -325,16 +325,8 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pw
   const char* op = "bsconv_fused::backward";
   const Geometry g = make_geometry(op, x, pw1, pw2, dw, bias, scale, shift, stride, padding,
                                    dilation, padding_mode, activation);
-  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == g.B && grad_y.size(1) == g.N &&
-                  grad_y.size(2) == g.Ho && grad_y.size(3) == g.Wo,
-              op, ": grad_y must have shape [", g.B, ", ", g.N, ", ", g.Ho, ", ", g.Wo,
-              "], got ", grad_y.sizes());
-  check_same(op, "grad_y", grad_y, x);
-  // Only gradients of inputs that exist can be asked for.
-  const bool present[7] = {true, true, pw2.has_value(), true, bias.has_value(),
-                           scale.has_value(), shift.has_value()};
-  Mask mask;
-  for (int i = 0; i < 7; ++i) mask[i] = output_mask[i] && present[i];
+  check_grad_y(op, grad_y, x, g);
+  const Mask mask = requested_gradients(output_mask, g);
 
   const auto fmt = x.suggest_memory_format();
   const at::Tensor xc = x.contiguous(fmt);

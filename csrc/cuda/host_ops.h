@@ -115,16 +115,11 @@ GradTuple backward_impl(Backend& be, const at::Tensor& grad_y, const at::Tensor&
   const char* op = "bsconv_fused::backward";
   const Geometry g = make_geometry(op, x, pw1, pw2, dw, bias, scale, shift, stride, padding,
                                    dilation, padding_mode, activation);
-  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == g.B && grad_y.size(1) == g.N &&
-                  grad_y.size(2) == g.Ho && grad_y.size(3) == g.Wo,
-              op, ": grad_y must have shape [", g.B, ", ", g.N, ", ", g.Ho, ", ", g.Wo,
-              "], got ", grad_y.sizes());
-  check_same(op, "grad_y", grad_y, x);
-  const bool present[7] = {true, true, pw2.has_value(), true, bias.has_value(),
-                           scale.has_value(), shift.has_value()};
+  check_grad_y(op, grad_y, x, g);
+  const std::array<bool, 7> asked = requested_gradients(output_mask, g);
   const int bits[7] = {kNeedX, kNeedW1, kNeedW2, kNeedDw, kNeedBias, kNeedScale, kNeedShift};
   int need = 0;
-  for (int i = 0; i < 7; ++i) need |= (output_mask[i] && present[i]) ? bits[i] : 0;
+  for (int i = 0; i < 7; ++i) need |= asked[i] ? bits[i] : 0;
 
   const auto fmt = x.suggest_memory_format();
   const at::Tensor xc = x.contiguous(fmt);
