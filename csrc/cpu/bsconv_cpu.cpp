@@ -1,4 +1,5 @@
-// CPU implementations of bsconv_fused::forward / bsconv_fused::backward.
+// CPU implementations of bsconv_fused::forward / bsconv_fused::backward. The structure of the
+// kernels is described in cpu/kernels.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,49 +15,208 @@
 namespace bsconv::cpu {
 namespace {
 
-// A null view for the placeholder of a gradient that was not asked for.
-template <typename T>
-View4<T> view4(const at::Tensor& t) {
-  if (t.dim() != 4) return {nullptr, 0, 0, 0, 0};
-  return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
 // ---------------------------------------------------------------------------------------------
-// Forward: one task per (image, channel chunk, output tile).
-template <typename scalar_t, typename acc_t>
-void forward_kernel(const Geometry& g, const View4<const scalar_t>& x, const Weights<acc_t>& w,
-                    const View4<scalar_t>& y) {
-  const Tiling t = forward_tiling(g, sizeof(acc_t));
-  const int64_t tasks = g.B * t.chunks * t.tiles();
-  const int64_t ph_max = (t.th - 1) * g.sh + (g.Kh - 1) * g.dh + 1;
-  const int64_t pw_max = (t.tw - 1) * g.sw + (g.Kw - 1) * g.dw + 1;
-  const int64_t p_max = ph_max * pw_max;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas blas_guard;
-    Scratch<acc_t> X(g.M * p_max), U(g.Mmid * p_max), V(t.nc * p_max), acc(t.tw);
-    std::vector<int64_t> src_row(ph_max), src_col(pw_max);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t tile = task % t.tiles(), rest = task / t.tiles();
-      const int64_t chunk = rest % t.chunks, b = rest / t.chunks;
-      const int64_t oh0 = (tile / t.tiles_w) * t.th, ow0 = (tile % t.tiles_w) * t.tw;
-      const int64_t th = std::min(t.th, g.Ho - oh0), tw = std::min(t.tw, g.Wo - ow0);
-      const int64_t ph = (th - 1) * g.sh + (g.Kh - 1) * g.dh + 1;
-      const int64_t pw = (tw - 1) * g.sw + (g.Kw - 1) * g.dw + 1;
-      const int64_t P = ph * pw;
-      remap_axis(oh0 * g.sh - g.pt, ph, g.H, g.mode, src_row.data());
-      remap_axis(ow0 * g.sw - g.pl, pw, g.W, g.mode, src_col.data());
-      const int64_t n0 = chunk * t.nc, rows = std::min(t.nc, g.N - n0);
+// The v rows a block of output rows reads, kept in a ring of S slots: a row computed for one
+// block stays for the next blocks while they read it (a band recomputes no halo inside itself).
+struct RowRing {
+  int64_t S = 1;
+  std::vector<int64_t> slot_row;  // image row held by each slot, -1 if none
+  std::vector<int64_t> L;         // image rows the current block reads, sorted
+  std::vector<int64_t> row2slot;  // slot of each row of L
 
-      gather_patch(x, b, g.M, src_row.data(), ph, src_col.data(), pw, X.get());
-      project(g, w, n0, rows, X.get(), P, U.get(), V.get());
-      mid_transform(g, w, n0, rows, src_row.data(), ph, src_col.data(), pw, V.get());
-      for (int64_t n = 0; n < rows; ++n) {
-        depthwise_tile(g, V.get() + n * P, pw, w.dw + (n0 + n) * g.taps(),
-                       w.bias ? w.bias[n0 + n] : acc_t(0), th, tw, &y(b, n0 + n, oh0, ow0),
-                       y.sh, y.sw, acc.get());
+  RowRing(int64_t slots, int64_t H) : S(slots), slot_row(slots, -1), row2slot(H, 0) {}
+  void reset() { std::fill(slot_row.begin(), slot_row.end(), int64_t(-1)); }
+
+  // For output rows [i0, i1): fills L and row2slot and calls project(ra, rb) for each run
+  // [ra, rb) of consecutive rows that must be computed (row r goes to slot row2slot[r]).
+  template <typename F>
+  void block(const Geometry& g, int64_t i0, int64_t i1, F project) {
+    L.clear();
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t kh = 0; kh < g.Kh; ++kh) {
+        const int64_t r = remap_index(i * g.sh - g.pt + kh * g.dh, g.H, g.mode);
+        if (r >= 0) L.push_back(r);
+      }
+    }
+    std::sort(L.begin(), L.end());
+    L.erase(std::unique(L.begin(), L.end()), L.end());
+    const int64_t n = int64_t(L.size());
+    if (n == 0) return;
+    if (L.back() - L.front() < S) {
+      // Rows at slot r % S: distinct within the block, and rows of the previous block that
+      // this one reads again are still there.
+      for (int64_t r : L) row2slot[r] = r % S;
+      for (int64_t k = 0; k < n;) {
+        if (slot_row[L[k] % S] == L[k]) {
+          ++k;
+          continue;
+        }
+        int64_t e = k + 1;
+        while (e < n && L[e] == L[e - 1] + 1 && slot_row[L[e] % S] != L[e]) ++e;
+        project(L[k], L[e - 1] + 1);
+        for (int64_t q = k; q < e; ++q) slot_row[L[q] % S] = L[q];
+        k = e;
+      }
+      return;
+    }
+    // Rows far apart (circular padding at the borders): slots in order, nothing reused.
+    reset();
+    for (int64_t k = 0; k < n; ++k) row2slot[L[k]] = k;
+    for (int64_t k = 0; k < n;) {
+      int64_t e = k + 1;
+      while (e < n && L[e] == L[e - 1] + 1) ++e;
+      project(L[k], L[e - 1] + 1);
+      k = e;
+    }
+    for (int64_t k = 0; k < n; ++k) slot_row[k] = L[k];
+  }
+};
+
+// Padded rows of the forward depthwise: image column c sits at padded column c + pl; padded
+// column pc reads image column colmap[pc] (-1: zero). Output column j, tap kw reads padded
+// column j*sw + kw*dw < Wp.
+struct PaddedCols {
+  std::vector<int64_t> colmap;
+  int64_t Wp = 0, Wp_alloc = 0;
+  explicit PaddedCols(const Geometry& g) : colmap((g.Wo - 1) * g.sw + (g.Kw - 1) * g.dw + 1) {
+    for (int64_t pc = 0; pc < int64_t(colmap.size()); ++pc) {
+      colmap[pc] = remap_index(pc - g.pl, g.W, g.mode);
+    }
+    Wp = std::max<int64_t>(g.pl + g.W, int64_t(colmap.size()));
+    // Room for whole 8-column blocks past the last output column (their outputs are dropped).
+    Wp_alloc = std::max(Wp, (round_up(g.Wo, kLanes) - 1) * g.sw + (g.Kw - 1) * g.dw + 1);
+  }
+  // After the image pixels of a B8 row were written: the padding pixels that remap into the
+  // image get copies (zero padding leaves them zero).
+  template <typename T>
+  void fill(const Geometry& g, T* row, int64_t cbs, int64_t lanes) const {
+    if (g.mode == kZeros) return;
+    for (int64_t pc = 0; pc < int64_t(colmap.size()); ++pc) {
+      if (pc >= g.pl && pc < g.pl + g.W) continue;
+      const int64_t src = colmap[pc] + g.pl;
+      for (int64_t cb = 0; cb * kLanes < lanes; ++cb) {
+        std::memcpy(row + cb * cbs + pc * kLanes, row + cb * cbs + src * kLanes,
+                    kLanes * sizeof(T));
+      }
+    }
+  }
+};
+
+// Forward: one task per (image, channel chunk, band of output rows). BSConv-U projects x rows
+// with w1; BSConv-S first projects them to u rows with w1 (channel-major scratch, only the rows
+// of the current block) and those with w2. The GEMM writes v rows channels-last,
+// they move to B8 slots (with the mid transform), the depthwise writes CL rows or B8 rows that
+// are transposed into NCHW y rows.
+template <typename src_t, typename scalar_t, typename acc_t>
+void forward_b8(const Geometry& g, const Image<src_t>& src, const Weights<acc_t>& w, scalar_t* y,
+                bool y_cl) {
+  const bool S = g.subspace();
+  const acc_t* wp = S ? w.w2 : w.w1;
+  const ForwardPlan plan =
+      forward_plan(g, sizeof(acc_t), std::max<int64_t>(2, 2 * at::get_num_threads()));
+  const PaddedCols cols(g);
+  const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, N = g.N, HoWo = Ho * Wo;
+  const int64_t C = S ? g.Mmid : g.M;  // input channels of the projection into v
+  const int64_t ncp_max = round_up(plan.nc, kLanes), S_ = plan.slots, Wp = cols.Wp_alloc;
+  constexpr bool same_src = std::is_same_v<src_t, acc_t>;
+  constexpr bool same_out = std::is_same_v<scalar_t, acc_t>;
+  const int64_t cbs = S_ * Wp * kLanes;  // channel-block stride of the v slots (B8)
+
+  run_workers(plan.tasks(g.B), [&](auto next) {
+    Scratch<acc_t> Vt(kSlotFwdVt, S_ * W * ncp_max, false), V(kSlotFwdV, S_ * Wp * ncp_max);
+    Scratch<acc_t> zero_row(kSlotFwdZero, Wp * kLanes);
+    Scratch<acc_t> obuf(kSlotFwdOut, plan.ob * Wo * ncp_max, false);
+    Scratch<acc_t> Xs(kSlotFwdX, same_src ? 0 : S_ * W * g.M, false);
+    Scratch<acc_t> Us(kSlotFwdU, S ? S_ * W * C : 0, false);
+    RowRing ring(S_, H);
+    std::vector<int64_t> rcbs(plan.ob * g.Kh);
+    std::vector<const acc_t*> rowp(plan.ob * g.Kh);
+    std::vector<acc_t*> outs(plan.ob);
+    for (int64_t task; (task = next()) >= 0;) {
+      const int64_t chunk = task % plan.chunks, rest = task / plan.chunks;
+      const int64_t band = rest % plan.bands, b = rest / plan.bands;
+      const int64_t n0 = chunk * plan.nc, ncur = std::min(plan.nc, N - n0);
+      const int64_t ncp = round_up(ncur, kLanes);
+      const int64_t o_begin = band * plan.band, o_end = std::min(Ho, o_begin + plan.band);
+      const bool direct = y_cl && same_out && ncur == ncp;
+      ring.reset();
+      for (int64_t i0 = o_begin; i0 < o_end; i0 += plan.ob) {
+        const int64_t i1 = std::min(o_end, i0 + plan.ob), nrow = i1 - i0;
+        ring.block(g, i0, i1, [&](int64_t ra, int64_t rb) {
+          const int64_t P = (rb - ra) * W;
+          Operand<acc_t> X = image_operand<acc_t>(src, H, W, b, 1, ra, rb, Xs.get());
+          if (S) {
+            proj_gemm(X, P, C, g.M, w.w1, Us.get(), P, true);
+            X = {Us.get(), P, true};
+          }
+          if (w.wpt != nullptr) {
+            // Small projection: straight into the B8 rows.
+            bool done = true;
+            for (int64_t r = ra; r < rb && done; ++r) {
+              acc_t* row = V.get() + ring.row2slot[r] * Wp * kLanes;
+              const acc_t* xr = X.ptr + (r - ra) * W * (X.cm ? 1 : X.ld);
+              done = proj_b8(xr, X.ld, X.cm, W, C, w.wpt + n0, w.Np, ncp, row + g.pl * kLanes,
+                             cbs, g.has_mid(), w.scale + n0, w.shift + n0, g.act);
+              if (done) cols.fill(g, row, cbs, ncp);
+            }
+            if (done) return;
+          }
+          proj_gemm(X, P, ncur, C, wp + n0 * C, Vt.get(), ncp, false);
+          for (int64_t r = ra; r < rb; ++r) {
+            acc_t* row = V.get() + ring.row2slot[r] * Wp * kLanes;
+            cl_to_b8(Vt.get() + (r - ra) * W * ncp, ncp, W, ncp, row + g.pl * kLanes, cbs,
+                     g.has_mid(), w.scale + n0, w.shift + n0, g.act);
+            cols.fill(g, row, cbs, ncp);
+          }
+        });
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t kh = 0; kh < g.Kh; ++kh) {
+            const int64_t r = remap_index(i * g.sh - g.pt + kh * g.dh, H, g.mode);
+            const int64_t at = (i - i0) * g.Kh + kh;
+            rowp[at] = r < 0 ? zero_row.get() : V.get() + ring.row2slot[r] * Wp * kLanes;
+            rcbs[at] = r < 0 ? 0 : cbs;
+          }
+          if (direct) {
+            outs[i - i0] = reinterpret_cast<acc_t*>(y + (b * HoWo + i * Wo) * N + n0);
+          } else if (!y_cl && same_out) {
+            outs[i - i0] = reinterpret_cast<acc_t*>(y + ((b * N + n0) * Ho + i) * Wo);
+          } else {
+            outs[i - i0] = obuf.get() + (i - i0) * Wo * ncp;
+          }
+        }
+        // Output rows: CL (y itself, or a CL buffer), or NCHW rows (y itself, or a buffer).
+        const int64_t ops = direct ? N : ncp;
+        const int64_t ocs = same_out ? HoWo : Wo;
+        const DwArgs<acc_t> a{nrow,        rowp.data(), rcbs.data(), g.Kh, g.Kw, g.sw, g.dw, Wo,
+                              ncp,         w.taps + n0, w.Np,        w.bias + n0, outs.data(),
+                              kLanes,      ops,         !y_cl,       ocs,  ncur};
+        depthwise_rows(a);
+        if (same_out && (direct || !y_cl)) continue;
+        for (int64_t i = i0; i < i1; ++i) {
+          const acc_t* o = outs[i - i0];
+          if (y_cl) {
+            for (int64_t j = 0; j < Wo; ++j) {
+              scalar_t* d = y + (b * HoWo + i * Wo + j) * N + n0;
+              for (int64_t n = 0; n < ncur; ++n) d[n] = scalar_t(o[j * ncp + n]);
+            }
+          } else {
+            for (int64_t n = 0; n < ncur; ++n) {
+              scalar_t* d = y + ((b * N + n0 + n) * Ho + i) * Wo;
+              for (int64_t j = 0; j < Wo; ++j) d[j] = scalar_t(o[n * Wo + j]);
+            }
+          }
+        }
       }
     }
   });
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const Geometry& g, const scalar_t* x, bool cl, const Weights<acc_t>& w,
+                    scalar_t* y) {
+  const int64_t HW = g.H * g.W;
+  const Image<scalar_t> xi{x, g.M, !cl, g.M * HW, HW};
+  forward_b8<scalar_t, scalar_t, acc_t>(g, xi, w, y, cl);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -66,12 +226,13 @@ enum GradIndex { kGx = 0, kGw1, kGw2, kGdw, kGbias, kGscale, kGshift };
 using Mask = std::array<bool, 7>;
 
 // One (output, tap) pair along an axis whose padded read position remaps to tile-local
-// position `local`.
+// position `local`; `id` when the read position is inside the image (no remap).
 struct TapEntry {
   int64_t local, k, o;
+  bool id;
 };
 
-// All (local, tap, output) triples of one axis for the v-space tile [lo, lo + count).
+// The (local, tap, output) triples of one axis for the v-space tile [lo, lo + count).
 inline void axis_entries(int64_t lo, int64_t count, int64_t size, int64_t pad_lo,
                          int64_t pad_hi, int64_t K, int64_t s, int64_t d, int64_t out_size,
                          int mode, std::vector<TapEntry>& out) {
@@ -79,11 +240,12 @@ inline void axis_entries(int64_t lo, int64_t count, int64_t size, int64_t pad_lo
   const int64_t padded = size + pad_lo + pad_hi;
   const int64_t last_read = (out_size - 1) * s + (K - 1) * d;
   for (int64_t rp = 0; rp < padded && rp <= last_read; ++rp) {
-    const int64_t src = remap_index(rp - pad_lo, size, mode);
+    const int64_t i = rp - pad_lo;
+    const int64_t src = remap_index(i, size, mode);
     if (src < lo || src >= lo + count) continue;
     for (int64_t k = 0; k < K && rp - k * d >= 0; ++k) {
       const int64_t q = rp - k * d;
-      if (q % s == 0 && q / s < out_size) out.push_back({src - lo, k, q / s});
+      if (q % s == 0 && q / s < out_size) out.push_back({src - lo, k, q / s, i >= 0 && i < size});
     }
   }
 }
@@ -105,133 +267,276 @@ struct PartialLayout {
   }
 };
 
+// Destinations of the weight gradients (nullptr: not asked for), dense, in the dtype of x.
+template <typename scalar_t>
+struct GradOut {
+  scalar_t* w1 = nullptr;
+  scalar_t* w2 = nullptr;
+  scalar_t* dw = nullptr;
+  scalar_t* scale = nullptr;
+  scalar_t* shift = nullptr;
+};
+
 template <typename scalar_t, typename acc_t>
-void backward_kernel(const Geometry& g, const View4<const scalar_t>& gy,
-                     const View4<const scalar_t>& x, const Weights<acc_t>& w, const Mask& mask,
-                     const View4<scalar_t>& gx, acc_t* grads_out /* PartialLayout */) {
+void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, bool cl,
+                     const Weights<acc_t>& w, const Mask& mask, scalar_t* gx,
+                     const GradOut<scalar_t>& out) {
   const PartialLayout lay(g, mask);
-  const Tiling t = backward_tiling(g, sizeof(acc_t));
-  const int64_t tasks = g.B * t.tiles();
-  const bool need_gv =
-      mask[kGx] || mask[kGw1] || mask[kGw2] || mask[kGscale] || mask[kGshift];
-  if (tasks == 0) {
-    std::fill(grads_out, grads_out + lay.size, acc_t(0));
+  const bool need_gv = mask[kGx] || mask[kGw1] || mask[kGw2] || mask[kGscale] || mask[kGshift];
+  const bool need_gb = mask[kGdw];
+  const bool S = g.subspace(), mid = g.has_mid(), cm = !cl;
+  const int64_t M = g.M, N = g.N, Mm = g.Mmid, H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo;
+  const int64_t HW = H * W, HoWo = Ho * Wo, KK = g.taps(), Np = w.Np;
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  const Image<scalar_t> xi{x, M, cm, M * HW, HW};
+
+  const int64_t bpp = int64_t(sizeof(acc_t)) *
+                      (Np * 3 + (S ? 2 * Mm : 0) + M + (mask[kGx] ? M : 0));
+  const BackwardPlan plan = backward_plan(g, bpp, lay.size * int64_t(sizeof(acc_t)));
+  // The regions of the partial layout and where their sums go.
+  const std::array<std::pair<int64_t, scalar_t*>, 5> regions = {
+      std::pair<int64_t, scalar_t*>{lay.w1, out.w1}, {lay.w2, out.w2}, {lay.dw, out.dw},
+      {lay.scale, out.scale}, {lay.shift, out.shift}};
+  const std::array<int64_t, 6> bounds = {lay.w1, lay.w2, lay.dw, lay.scale, lay.shift, lay.size};
+  if (plan.tasks == 0) {
+    for (int r = 0; r < 5; ++r) {
+      if (regions[r].second) std::fill_n(regions[r].second, bounds[r + 1] - bounds[r], scalar_t(0));
+    }
     return;
   }
-  // Fixed group count (not the thread count): each group sums its tiles in order into its own
-  // partials, then the partials are added in group order.
-  const int64_t budget = int64_t(64) << 20;
-  const int64_t per_group = std::max<int64_t>(lay.size, 1) * int64_t(sizeof(acc_t));
-  const int64_t groups =
-      std::min(tasks, std::clamp<int64_t>(budget / per_group, 8, 64));
-  Scratch<acc_t> partials(groups * lay.size);
-  const int64_t P_max = t.th * t.tw;
-  const int64_t N = g.N, M = g.M, Mm = g.Mmid, KK = g.taps();
-
-  at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
-    SingleThreadedBlas blas_guard;
-    Scratch<acc_t> X(M * P_max), U(Mm * P_max), V(N * P_max), gv(N * P_max);
-    Scratch<acc_t> A(g.has_mid() ? N * P_max : 0), gU(Mm * P_max), gxT(M * P_max);
-    Scratch<acc_t> dw_tile(N * KK), mid_tile(2 * N);
-    std::vector<TapEntry> rows, cols;
-    for (int64_t grp = gbegin; grp < gend; ++grp) {
+  const int64_t tasks = plan.tasks, groups = plan.groups;
+  Scratch<acc_t> partials(kSlotBwdPartials, groups * lay.size, false);
+  const int64_t P_max = plan.nb * plan.nr * W;
+  // Output rows one band of v rows is read by, at most.
+  const int64_t orows_max = std::min(Ho, (plan.nr - 1 + (g.Kh - 1) * g.dh) / g.sh + 2);
+  // Corrections for padded taps that remap into the image: the column entries once per call.
+  const bool remapped = g.mode != kZeros;
+  std::vector<TapEntry> cols_all, cols_nid;
+  if (remapped) {
+    axis_entries(0, W, W, g.pl, g.pr, g.Kw, g.sw, g.dw, Wo, g.mode, cols_all);
+    for (const TapEntry& e : cols_all) {
+      if (!e.id) cols_nid.push_back(e);
+    }
+  }
+  // x and gx in place (else gathered / scattered through scratch).
+  const bool x_inplace = same && (cl || plan.nb == 1);
+  // act(v) rows padded like the forward's v rows (zeros: remapped taps are corrections).
+  const PaddedCols acols(g);
+  const int64_t Wa = acols.Wp_alloc, rows_max = plan.nb * plan.nr;
+  // gy rows padded with zeros: gy column ow at GL + ow; per phase of v columns its taps and
+  // their gy offsets (including GL).
+  std::vector<int64_t> ph_n(g.sw, 0), ph_kw(g.sw * g.Kw, 0), ph_off(g.sw * g.Kw, 0);
+  int64_t off_lo = 0, off_hi = 0, T_max = 0;
+  for (int64_t phi = 0; phi < std::min(g.sw, W); ++phi) {
+    T_max = std::max(T_max, ceil_div(W - phi, g.sw));
+    for (int64_t kw = 0; kw < g.Kw; ++kw) {
+      const int64_t d = phi + g.pl - kw * g.dw;
+      if (((d % g.sw) + g.sw) % g.sw != 0) continue;
+      ph_kw[phi * g.Kw + ph_n[phi]] = kw;
+      ph_off[phi * g.Kw + ph_n[phi]++] = d / g.sw;
+      off_lo = std::min(off_lo, d / g.sw);
+      off_hi = std::max(off_hi, d / g.sw);
+    }
+  }
+  const int64_t GL = -off_lo, GWp = GL + std::max(Wo, T_max + off_hi);
+  for (auto& o : ph_off) o += GL;
+  const int64_t gcbs = orows_max * GWp * kLanes;  // channel-block stride of the gy rows (B8)
+  run_workers(groups, [&](auto next) {
+    // V: pre-activation v (CL); AG: act(v) (B8), later gv (CL); gvb: gv (B8).
+    // V: pre-activation v (CL); AG: act(v) (padded B8 rows); gvb: gv (B8); GC: gv (CL).
+    Scratch<acc_t> V(kSlotBwdV, P_max * Np, false), AG(kSlotBwdA, need_gb ? rows_max * Wa * Np : 0);
+    Scratch<acc_t> gvb(kSlotBwdGvb, need_gv ? P_max * Np : 0, false);
+    Scratch<acc_t> GC(kSlotBwdGc, need_gv ? P_max * Np : 0, false);
+    Scratch<acc_t> gU(kSlotBwdGu, S ? P_max * Mm : 0, false);
+    Scratch<acc_t> Gy(kSlotBwdGy, orows_max * GWp * Np);  // zero: padding, lanes beyond N
+    Scratch<acc_t> Xs(kSlotBwdX, !x_inplace ? P_max * M : 0, false);
+    Scratch<acc_t> Us(kSlotBwdU, S ? P_max * Mm : 0, false);
+    Scratch<acc_t> gxs(kSlotBwdGx, mask[kGx] && !x_inplace ? P_max * M : 0, false);
+    Scratch<acc_t> gbt(kSlotBwdGb, need_gb ? KK * Np : 0, false);
+    Scratch<double> dsc(kSlotBwdDsc, Np, false), dsh(kSlotBwdDsh, Np, false);
+    std::vector<const acc_t*> grows(g.Kh);
+    std::vector<int64_t> khs(g.Kh);
+    std::vector<TapEntry> rows_e;
+    std::vector<acc_t> gtmp(N);
+    for (int64_t grp; (grp = next()) >= 0;) {
       acc_t* part = partials.get() + grp * lay.size;
-      std::fill(part, part + lay.size, acc_t(0));
+      std::fill(part + lay.dw, part + lay.size, acc_t(0));  // dw, scale, shift
       const int64_t tb = grp * tasks / groups, te = (grp + 1) * tasks / groups;
       for (int64_t task = tb; task < te; ++task) {
-        const int64_t tile = task % t.tiles(), b = task / t.tiles();
-        const int64_t r0 = (tile / t.tiles_w) * t.th, c0 = (tile % t.tiles_w) * t.tw;
-        const int64_t nr = std::min(t.th, g.H - r0), nc = std::min(t.tw, g.W - c0);
-        const int64_t P = nr * nc;
+        const acc_t beta = task == tb ? acc_t(0) : acc_t(1);  // first GEMM of a group sets
+        const int64_t ig = task / plan.bands, band = task % plan.bands;
+        const int64_t b0 = ig * plan.nb, nbt = std::min(plan.nb, g.B - b0);
+        const int64_t r0 = band * plan.nr, r1 = std::min(H, r0 + plan.nr), rows = r1 - r0;
+        const int64_t P = nbt * rows * W, pcbs = P * kLanes;  // B8 stride of task buffers
 
-        // 1. Recompute the patch: x, (u), v = pre-activation, act(v).
-        std::vector<int64_t> src_r(nr), src_c(nc);
-        for (int64_t i = 0; i < nr; ++i) src_r[i] = r0 + i;
-        for (int64_t j = 0; j < nc; ++j) src_c[j] = c0 + j;
-        gather_patch(x, b, M, src_r.data(), nr, src_c.data(), nc, X.get());
-        project(g, w, 0, N, X.get(), P, U.get(), V.get());
-        acc_t* act = V.get();
-        if (g.has_mid()) {
-          std::copy(V.get(), V.get() + N * P, A.get());
-          mid_transform(g, w, 0, N, src_r.data(), nr, src_c.data(), nc, A.get());
-          act = A.get();
+        // 1. Recompute the patch: v (pre-activation) and act(v).
+        const Operand<acc_t> X = image_operand<acc_t>(xi, H, W, b0, nbt, r0, r1, Xs.get());
+        // BSConv-S: u = W1 x for the task's pixels (channel-major scratch).
+        Operand<acc_t> Ut{nullptr, 0, true};
+        if (S) {
+          proj_gemm(X, P, Mm, M, w.w1, Us.get(), P, true);
+          Ut = {Us.get(), P, true};
         }
-
-        // 2-3. Transposed depthwise into gv and the blueprint gradient, over the (output, tap)
-        // pairs that read this tile.
-        axis_entries(r0, nr, g.H, g.pt, g.pb, g.Kh, g.sh, g.dh, g.Ho, g.mode, rows);
-        axis_entries(c0, nc, g.W, g.pl, g.pr, g.Kw, g.sw, g.dw, g.Wo, g.mode, cols);
-        gv.zero();
-        dw_tile.zero();
-        for (int64_t n = 0; n < N; ++n) {
-          const scalar_t* gyn = gy.data + b * gy.sb + n * gy.sc;
-          const acc_t* taps = w.dw + n * KK;
-          acc_t* gvn = gv.get() + n * P;
-          const acc_t* an = act + n * P;
-          acc_t* gdw = dw_tile.get() + n * KK;
-          for (const TapEntry& er : rows) {
-            const scalar_t* gyrow = gyn + er.o * gy.sh;
-            acc_t* gvrow = gvn + er.local * nc;
-            const acc_t* arow = an + er.local * nc;
-            const acc_t* trow = taps + er.k * g.Kw;
-            acc_t* drow = gdw + er.k * g.Kw;
-            for (const TapEntry& ec : cols) {
-              const acc_t go = acc_t(gyrow[ec.o * gy.sw]);
-              gvrow[ec.local] += trow[ec.k] * go;
-              drow[ec.k] += go * arow[ec.local];
+        const Operand<acc_t>& Xv = S ? Ut : X;  // the input of the projection into v
+        const int64_t Kv = S ? Mm : M;
+        const acc_t* act = AG.get();
+        const int64_t acbs = nbt * rows * Wa * kLanes;  // channel-block stride of act rows
+        // Without a mid transform, v itself is needed only as act(v) = v (B8 rows): small
+        // channel-major projections go straight there.
+        bool direct_act = false;
+        if (!mid && need_gb && w.wpt != nullptr && Xv.cm) {
+          direct_act = true;
+          for (int64_t k = 0; k < nbt * rows && direct_act; ++k) {
+            direct_act = proj_b8(Xv.ptr + k * W, Xv.ld, true, W, Kv, w.wpt, Np, Np,
+                                 AG.get() + (k * Wa + g.pl) * kLanes, acbs, false, w.scale,
+                                 w.shift, g.act);
+          }
+        }
+        if (!direct_act && (need_gb || mid)) {
+          proj_gemm(Xv, P, N, Kv, S ? w.w2 : w.w1, V.get(), Np, false);
+          if (need_gb) {
+            for (int64_t k = 0; k < nbt * rows; ++k) {
+              cl_to_b8(V.get() + k * W * Np, Np, W, Np, AG.get() + (k * Wa + g.pl) * kLanes,
+                       acbs, mid, w.scale, w.shift, g.act);
             }
           }
         }
-        if (mask[kGdw]) {
-          for (int64_t i = 0; i < N * KK; ++i) part[lay.dw + i] += dw_tile.get()[i];
+
+        // 2-3. Transposed depthwise into gv and the blueprint gradient, per image.
+        if (need_gb) std::memset(gbt.get(), 0, size_t(KK * Np) * sizeof(acc_t));
+        for (int64_t img = 0; img < nbt; ++img) {
+          const int64_t b = b0 + img, off = img * rows * W;
+          const int64_t oh_lo =
+              std::max<int64_t>(0, -floor_div(-(r0 + g.pt - (g.Kh - 1) * g.dh), g.sh));
+          const int64_t oh_hi = std::min(Ho - 1, floor_div(r1 - 1 + g.pt, g.sh));
+          for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
+            acc_t* d = Gy.get() + ((oh - oh_lo) * GWp + GL) * kLanes;
+            const acc_t* none = nullptr;
+            if (cl) {
+              cl_to_b8(gy + (b * HoWo + oh * Wo) * N, N, Wo, N, d, gcbs, false, none, none, 0);
+            } else {
+              cm_to_b8(gy + b * N * HoWo + oh * Wo, HoWo, Wo, N, d, gcbs, false, none, none, 0);
+            }
+          }
+          // Padded column 0 of a gy row.
+          auto grow = [&](int64_t oh) { return Gy.get() + (oh - oh_lo) * GWp * kLanes; };
+          if (need_gv) {
+            for (int64_t lr = 0; lr < rows; ++lr) {
+              int64_t nk = 0;
+              for (int64_t kh = 0; kh < g.Kh; ++kh) {
+                const int64_t t = r0 + lr + g.pt - kh * g.dh;
+                if (t < 0 || t % g.sh != 0 || t / g.sh >= Ho) continue;
+                grows[nk] = grow(t / g.sh);
+                khs[nk++] = kh;
+              }
+              const GvArgs<acc_t> a{grows.data(), khs.data(),  nk,     gcbs,
+                                    g.Kw,         g.sw,        W,      ph_n.data(),
+                                    ph_kw.data(), ph_off.data(), Np,   w.taps,
+                                    Np,           gvb.get() + (off + lr * W) * kLanes, pcbs};
+              transposed_depthwise_row(a);
+            }
+          }
+          if (need_gb) {
+            for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
+              for (int64_t kh = 0; kh < g.Kh; ++kh) {
+                const int64_t r = oh * g.sh - g.pt + kh * g.dh;
+                if (r < r0 || r >= r1) continue;
+                const GbArgs<acc_t> a{grow(oh) + GL * kLanes,
+                                      gcbs,
+                                      act + (img * rows + r - r0) * Wa * kLanes,
+                                      acbs,
+                                      g.Kw,
+                                      g.sw,
+                                      g.dw,
+                                      Wo,
+                                      Np,
+                                      gbt.get() + kh * g.Kw * Np,
+                                      Np};
+                blueprint_grad_row(a);
+              }
+            }
+          }
+          if (remapped) {
+            // Pairs with at least one remapped axis (the in-image ones were done above).
+            axis_entries(r0, rows, H, g.pt, g.pb, g.Kh, g.sh, g.dh, Ho, g.mode, rows_e);
+            auto pair = [&](const TapEntry& er, const TapEntry& ec) {
+              for (int64_t n = 0; n < N; ++n) {
+                gtmp[n] = cl ? acc_t(gy[((b * Ho + er.o) * Wo + ec.o) * N + n])
+                             : acc_t(gy[((b * N + n) * Ho + er.o) * Wo + ec.o]);
+              }
+              const int64_t k = er.k * g.Kw + ec.k, q = off + er.local * W + ec.local;
+              const acc_t* tap = w.taps + k * Np;
+              if (need_gv) {
+                acc_t* gq = gvb.get();
+                for (int64_t n = 0; n < N; ++n) gq[b8(q, n, pcbs)] += tap[n] * gtmp[n];
+              }
+              if (need_gb) {
+                acc_t* gk = gbt.get() + k * Np;
+                const int64_t pa = (img * rows + er.local) * Wa + g.pl + ec.local;
+                for (int64_t n = 0; n < N; ++n) gk[n] += gtmp[n] * act[b8(pa, n, acbs)];
+              }
+            };
+            for (const TapEntry& er : rows_e) {
+              if (!er.id) {
+                for (const TapEntry& ec : cols_all) pair(er, ec);
+              } else {
+                for (const TapEntry& ec : cols_nid) pair(er, ec);
+              }
+            }
+          }
+        }
+        if (need_gb) {
+          for (int64_t n = 0; n < N; ++n) {
+            for (int64_t k = 0; k < KK; ++k) part[lay.dw + n * KK + k] += gbt.get()[k * Np + n];
+          }
         }
         if (!need_gv) continue;
 
-        // 4. Through the mid transform: gv <- act'(z) * scale * gv, with z = scale * v + shift.
-        if (g.has_mid()) {
+        // 4. Back to the layout of x for the GEMMs, through the mid transform:
+        // gv <- act'(z) * scale * gv with z = scale * v + shift, and the scale / shift grads.
+        acc_t* gvc = GC.get();
+        if (mid) {
+          std::memset(dsc.get(), 0, size_t(Np) * sizeof(double));
+          std::memset(dsh.get(), 0, size_t(Np) * sizeof(double));
+        }
+        gv_to_cl(gvb.get(), pcbs, V.get(), gvc, Np, P, Np, mid, w.scale, w.shift, g.act,
+                 dsc.get(), dsh.get());
+        if (mid) {
           for (int64_t n = 0; n < N; ++n) {
-            const acc_t s = w.scale ? w.scale[n] : acc_t(1);
-            const acc_t sh = w.shift ? w.shift[n] : acc_t(0);
-            const acc_t* vn = V.get() + n * P;
-            acc_t* gvn = gv.get() + n * P;
-            // These two sums run over every pixel of the tile; double keeps them as accurate
-            // as the pairwise sums of the unfused path.
-            double gscale = 0, gshift = 0;
-            for (int64_t p = 0; p < P; ++p) {
-              const acc_t gz = gvn[p] * activate_grad(vn[p] * s + sh, g.act);
-              gscale += double(gz * vn[p]);
-              gshift += double(gz);
-              gvn[p] = gz * s;
-            }
-            if (mask[kGscale]) part[lay.scale + n] += acc_t(gscale);
-            if (mask[kGshift]) part[lay.shift + n] += acc_t(gshift);
+            if (mask[kGscale]) part[lay.scale + n] += acc_t(dsc.get()[n]);
+            if (mask[kGshift]) part[lay.shift + n] += acc_t(dsh.get()[n]);
           }
         }
 
-        // 5. Projection adjoints: weight gradients and gx for this tile's pixels.
-        const acc_t one = 1, zero = 0;
-        if (g.subspace()) {
-          if (mask[kGw2]) gemm(false, true, N, Mm, P, one, gv.get(), P, U.get(), P, one,
-                               part + lay.w2, Mm);
-          if (mask[kGw1] || mask[kGx]) {
-            gemm(true, false, Mm, P, N, one, w.w2, Mm, gv.get(), P, zero, gU.get(), P);
-            if (mask[kGw1]) gemm(false, true, Mm, M, P, one, gU.get(), P, X.get(), P, one,
-                                 part + lay.w1, M);
-            if (mask[kGx]) gemm(true, false, M, P, Mm, one, w.w1, M, gU.get(), P, zero,
-                                gxT.get(), P);
-          }
-        } else {
-          if (mask[kGw1]) gemm(false, true, N, M, P, one, gv.get(), P, X.get(), P, one,
-                               part + lay.w1, M);
-          if (mask[kGx]) gemm(true, false, M, P, N, one, w.w1, M, gv.get(), P, zero, gxT.get(),
-                              P);
+        // 5. Projection adjoints: weight-gradient partials and gx for this task's pixels.
+        Operand<acc_t> G{gvc, Np, false};  // gradient at the output of the projection of x
+        int64_t K = N;
+        if (S) {
+          if (mask[kGw2]) wgrad_gemm(P, N, Mm, G, Ut, beta, part + lay.w2);
+          if (!mask[kGw1] && !mask[kGx]) continue;
+          igrad_gemm(G, P, N, Mm, w.w2, gU.get(), P, true);  // gu, channel-major
+          G = {gU.get(), P, true};
+          K = Mm;
         }
+        if (mask[kGw1]) wgrad_gemm(P, K, M, G, X, beta, part + lay.w1);
         if (mask[kGx]) {
-          for (int64_t m = 0; m < M; ++m) {
-            for (int64_t i = 0; i < nr; ++i) {
-              const acc_t* src = gxT.get() + m * P + i * nc;
-              scalar_t* dst = &gx(b, m, r0 + i, c0);
-              for (int64_t j = 0; j < nc; ++j) dst[j * gx.sw] = scalar_t(src[j]);
+          if (x_inplace) {
+            acc_t* dst = reinterpret_cast<acc_t*>(cl ? gx + (b0 * HW + r0 * W) * M
+                                                     : gx + b0 * M * HW + r0 * W);
+            igrad_gemm(G, P, K, M, w.w1, dst, cl ? M : HW, cm);
+          } else if (cl) {
+            igrad_gemm(G, P, K, M, w.w1, gxs.get(), M, false);
+            scalar_t* dst = gx + (b0 * HW + r0 * W) * M;
+            for (int64_t i = 0; i < P * M; ++i) dst[i] = scalar_t(gxs.get()[i]);
+          } else {
+            igrad_gemm(G, P, K, M, w.w1, gxs.get(), P, true);
+            const int64_t run = rows * W;
+            for (int64_t m = 0; m < M; ++m) {
+              for (int64_t i = 0; i < nbt; ++i) {
+                const acc_t* s = gxs.get() + m * P + i * run;
+                scalar_t* d = gx + ((b0 + i) * M + m) * HW + r0 * W;
+                for (int64_t k = 0; k < run; ++k) d[k] = scalar_t(s[k]);
+              }
             }
           }
         }
@@ -239,55 +544,157 @@ void backward_kernel(const Geometry& g, const View4<const scalar_t>& gy,
     }
   });
 
-  // Fixed-order sum of the group partials.
-  at::parallel_for(0, lay.size, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      acc_t s = 0;
-      for (int64_t grp = 0; grp < groups; ++grp) s += partials.get()[grp * lay.size + i];
-      grads_out[i] = s;
+  // Fixed-order sum of the group partials, into the gradients.
+  at::parallel_for(0, lay.size, 16384, [&](int64_t begin, int64_t end) {
+    for (int r = 0; r < 5; ++r) {
+      scalar_t* dst = regions[r].second;
+      const int64_t lo = std::max(begin, bounds[r]), hi = std::min(end, bounds[r + 1]);
+      if (dst == nullptr || lo >= hi) continue;
+      for (int64_t i = lo; i < hi; ++i) {
+        acc_t sum = partials.get()[i];
+        for (int64_t grp = 1; grp < groups; ++grp) sum += partials.get()[grp * lay.size + i];
+        dst[i - bounds[r]] = scalar_t(sum);
+      }
     }
   });
 }
 
-// Depthwise bias gradient: the sum of gy over batch and space, per channel, in a fixed order.
+// Depthwise bias gradient: the sum of gy over batch and space, per channel, in a fixed order
+// (independent of the thread count).
 template <typename scalar_t, typename acc_t>
-void bias_grad_kernel(const Geometry& g, const View4<const scalar_t>& gy, acc_t* out) {
-  at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      acc_t s = 0;
-      for (int64_t b = 0; b < g.B; ++b)
-        for (int64_t i = 0; i < g.Ho; ++i)
-          for (int64_t j = 0; j < g.Wo; ++j) s += acc_t(gy(b, n, i, j));
-      out[n] = s;
+void bias_grad_kernel(const Geometry& g, const scalar_t* gy, bool cl, scalar_t* out) {
+  const int64_t N = g.N, HoWo = g.Ho * g.Wo;
+  if (!cl) {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t b = 0; b < g.B; ++b) {
+          const scalar_t* p = gy + (b * N + n) * HoWo;
+          int64_t i = 0;
+          for (; i + 8 <= HoWo; i += 8) {
+            for (int k = 0; k < 8; ++k) s[k] += acc_t(p[i + k]);
+          }
+          for (; i < HoWo; ++i) s[0] += acc_t(p[i]);
+        }
+        out[n] = scalar_t(((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])));
+      }
+    });
+    return;
+  }
+  const int64_t pixels = g.B * HoWo;
+  const int64_t parts = std::clamp<int64_t>(pixels / 256, 1, 16);
+  std::vector<acc_t> partial(parts * N, acc_t(0));
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      acc_t* s = partial.data() + q * N;
+      for (int64_t p = q * pixels / parts; p < (q + 1) * pixels / parts; ++p) {
+        const scalar_t* v = gy + p * N;
+        for (int64_t n = 0; n < N; ++n) s[n] += acc_t(v[n]);
+      }
     }
   });
+  for (int64_t n = 0; n < N; ++n) {
+    acc_t s = partial[n];
+    for (int64_t q = 1; q < parts; ++q) s += partial[q * N + n];
+    out[n] = scalar_t(s);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Host entry points.
 
-// Weights as dense accumulation-type tensors; the tensors keep the storage alive.
-struct WeightTensors {
-  at::Tensor w1, w2, dw, bias, scale, shift;
-  WeightTensors(const Geometry& g, at::ScalarType acc, const at::Tensor& pw1,
-                const std::optional<at::Tensor>& pw2, const at::Tensor& dwt,
-                const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& s,
-                const std::optional<at::Tensor>& t) {
-    auto conv = [&](const at::Tensor& x) { return x.to(acc).contiguous(); };
-    w1 = conv(pw1.reshape({g.proj1_rows(), g.M}));
-    if (pw2) w2 = conv(pw2->reshape({g.N, g.Mmid}));
-    dw = conv(dwt.reshape({g.N, g.taps()}));
-    if (b) bias = conv(*b);
-    if (s) scale = conv(*s);
-    if (t) shift = conv(*t);
-  }
-  template <typename acc_t>
-  Weights<acc_t> get() const {
-    auto p = [](const at::Tensor& x) {
-      return x.defined() ? x.data_ptr<acc_t>() : static_cast<acc_t*>(nullptr);
+// t with the standard strides of `fmt` (a copy only when t has other strides).
+at::Tensor standard_layout(const at::Tensor& t, at::MemoryFormat fmt) {
+  const int64_t B = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+  const std::array<int64_t, 4> want =
+      fmt == at::MemoryFormat::ChannelsLast ? std::array<int64_t, 4>{H * W * C, 1, W * C, C}
+                                            : std::array<int64_t, 4>{C * H * W, H * W, W, 1};
+  bool ok = true;
+  for (int i = 0; i < 4; ++i) ok = ok && t.stride(i) == want[i];
+  (void)B;
+  if (ok) return t;
+  at::Tensor c = at::empty(t.sizes(), t.options().memory_format(fmt));
+  c.copy_(t);
+  return c;
+}
+
+// The weights in the kernels' layouts and in the accumulation type, packed by plain loops into
+// one buffer: the dozen small ATen ops this takes otherwise cost more than a small layer's whole
+// kernel. The projection weights are used in place when they are dense and of the accumulation
+// type already.
+template <typename scalar_t, typename acc_t>
+class PackedWeights {
+ public:
+  PackedWeights(const Geometry& g, const at::Tensor& pw1, const std::optional<at::Tensor>& pw2,
+                const at::Tensor& dwt, const std::optional<at::Tensor>& b,
+                const std::optional<at::Tensor>& s, const std::optional<at::Tensor>& t)
+      : p1_(pw1.contiguous()), p2_(pw2 ? pw2->contiguous() : at::Tensor()) {
+    constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+    const int64_t N = g.N, Np = round_up(N, kLanes), KK = g.taps();
+    const int64_t K = pw2 ? g.Mmid : g.M;  // inputs of the projection into v
+    int64_t total = 0;
+    auto take = [&](bool need, int64_t n) {
+      const int64_t at = need ? total : -1;
+      total += need ? round_up(n, 16) : 0;  // 64-byte aligned pieces
+      return at;
     };
-    return {p(w1), p(w2), p(dw), p(bias), p(scale), p(shift)};
+    const int64_t o_w1 = take(convert, g.proj1_rows() * g.M);
+    const int64_t o_w2 = take(convert && pw2.has_value(), N * g.Mmid);
+    const int64_t o_taps = take(true, KK * Np), o_bias = take(true, Np);
+    const int64_t o_scale = take(true, Np), o_shift = take(true, Np);
+    const int64_t o_wpt = take(K <= kSmallProjK, K * Np);
+    buf_ = at::empty({total}, pw1.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    acc_t* B = buf_.data_ptr<acc_t>();
+
+    auto dense = [&](const at::Tensor& src, int64_t off) -> const acc_t* {
+      const scalar_t* p = src.const_data_ptr<scalar_t>();
+      if constexpr (convert) {
+        const int64_t n = src.numel();
+        for (int64_t i = 0; i < n; ++i) B[off + i] = acc_t(p[i]);
+        return B + off;
+      } else {
+        return p;
+      }
+    };
+    w_.w1 = dense(p1_, o_w1);
+    w_.w2 = pw2 ? dense(p2_, o_w2) : nullptr;
+    // Per-channel vectors padded to Np (zero beyond N; scale 1 without a scale).
+    auto vec = [&](const std::optional<at::Tensor>& v, int64_t off, acc_t absent) {
+      acc_t* d = B + off;
+      std::fill(d, d + Np, acc_t(0));
+      if (v) {
+        const at::Tensor c = v->contiguous();
+        const scalar_t* p = c.const_data_ptr<scalar_t>();
+        for (int64_t n = 0; n < N; ++n) d[n] = acc_t(p[n]);
+      } else {
+        std::fill(d, d + N, absent);
+      }
+      return d;
+    };
+    w_.bias = vec(b, o_bias, acc_t(0));
+    w_.scale = vec(s, o_scale, acc_t(1));
+    w_.shift = vec(t, o_shift, acc_t(0));
+    // taps[k][n] = dw[n][k]; wpt[k][n] = Wv[n][k] (small projections).
+    auto transpose = [&](const scalar_t* src, int64_t rows_k, int64_t off) {
+      acc_t* d = B + off;
+      std::fill(d, d + rows_k * Np, acc_t(0));
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t k = 0; k < rows_k; ++k) d[k * Np + n] = acc_t(src[n * rows_k + k]);
+      }
+      return d;
+    };
+    const at::Tensor dc = dwt.contiguous();
+    w_.taps = transpose(dc.const_data_ptr<scalar_t>(), KK, o_taps);
+    w_.Np = Np;
+    w_.wpt = o_wpt >= 0
+                 ? transpose((pw2 ? p2_ : p1_).const_data_ptr<scalar_t>(), K, o_wpt)
+                 : nullptr;
   }
+  const Weights<acc_t>& get() const { return w_; }
+
+ private:
+  at::Tensor p1_, p2_, buf_;
+  Weights<acc_t> w_{};
 };
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
@@ -300,18 +707,26 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
   const Geometry g = make_geometry("bsconv_fused::forward", x, pw1, pw2, dw, bias, scale, shift,
                                    stride, padding, dilation, padding_mode, activation);
   const auto fmt = x.suggest_memory_format();
-  const at::Tensor xc = x.contiguous(fmt);
   at::Tensor y = at::empty({g.B, g.N, g.Ho, g.Wo}, x.options().memory_format(fmt));
   if (y.numel() == 0) return y;
-  const auto acc = at::toOpMathType(x.scalar_type());
-  const WeightTensors wt(g, acc, pw1, pw2, dw, bias, scale, shift);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bsconv_forward",
-                                  [&] {
-                                    using acc_t = at::opmath_type<scalar_t>;
-                                    forward_kernel<scalar_t, acc_t>(
-                                        g, view4<const scalar_t>(xc), wt.get<acc_t>(),
-                                        view4<scalar_t>(y));
-                                  });
+  if (g.H == 0 || g.W == 0) {
+    // Every tap reads zero padding: y is the bias.
+    if (bias) {
+      y.copy_(bias->view({1, g.N, 1, 1}).expand_as(y));
+    } else {
+      y.zero_();
+    }
+    return y;
+  }
+  const at::Tensor xc = standard_layout(x, fmt);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bsconv_forward", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const PackedWeights<scalar_t, acc_t> wt(g, pw1, pw2, dw, bias, scale, shift);
+        forward_kernel<scalar_t, acc_t>(g, xc.const_data_ptr<scalar_t>(), cl, wt.get(),
+                                        y.data_ptr<scalar_t>());
+      });
   return y;
 }
 
@@ -329,40 +744,61 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pw
   const Mask mask = requested_gradients(output_mask, g);
 
   const auto fmt = x.suggest_memory_format();
-  const at::Tensor xc = x.contiguous(fmt);
-  const auto acc = at::toOpMathType(x.scalar_type());
-  const PartialLayout lay(g, mask);
-  at::Tensor flat = at::zeros({lay.size}, x.options().dtype(acc));
-  at::Tensor gbias_acc = mask[kGbias] ? at::zeros({g.N}, x.options().dtype(acc)) : at::Tensor();
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  // Fresh outputs (they must not alias), written by the kernels.
+  auto out_like = [&](int i, const at::Tensor& t) {
+    return mask[i] ? at::empty(t.sizes(), x.options()) : x.new_empty({0});
+  };
   at::Tensor gx = mask[kGx] ? at::empty(x.sizes(), x.options().memory_format(fmt))
                             : x.new_empty({0});
+  at::Tensor gw1 = out_like(kGw1, pw1);
+  at::Tensor gw2 = pw2 ? out_like(kGw2, *pw2) : x.new_empty({0});
+  at::Tensor gdw = out_like(kGdw, dw);
+  at::Tensor gbias = bias ? out_like(kGbias, *bias) : x.new_empty({0});
+  at::Tensor gscale = scale ? out_like(kGscale, *scale) : x.new_empty({0});
+  at::Tensor gshift = shift ? out_like(kGshift, *shift) : x.new_empty({0});
+  const bool work = g.B > 0 && g.H > 0 && g.W > 0 && g.Ho > 0 && g.Wo > 0;
+  if (mask[kGx] && !work) gx.zero_();
+  if (mask[kGbias] && g.B == 0) gbias.zero_();
 
-  const WeightTensors wt(g, acc, pw1, pw2, dw, bias, scale, shift);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "bsconv_backward", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const auto gyv = view4<const scalar_t>(grad_y);
-        if (g.B > 0 && (lay.size > 0 || mask[kGx])) {
-          backward_kernel<scalar_t, acc_t>(g, gyv, view4<const scalar_t>(xc), wt.get<acc_t>(),
-                                           mask, view4<scalar_t>(gx), flat.data_ptr<acc_t>());
-        }
-        if (mask[kGbias] && g.B > 0) bias_grad_kernel<scalar_t, acc_t>(g, gyv,
-                                                                      gbias_acc.data_ptr<acc_t>());
-      });
-
-  auto piece = [&](int i, int64_t offset, int64_t n, at::IntArrayRef shape) {
-    if (!mask[i]) return x.new_empty({0});
-    // A copy even when the dtype matches: the outputs must not alias one buffer.
-    return flat.narrow(0, offset, n).view(shape).to(x.scalar_type(), false, true);
-  };
-  auto empty = [&] { return x.new_empty({0}); };  // a fresh one per slot: outputs never alias
-  return {gx,
-          piece(kGw1, lay.w1, g.proj1_rows() * g.M, pw1.sizes()),
-          pw2 ? piece(kGw2, lay.w2, g.N * g.Mmid, pw2->sizes()) : empty(),
-          piece(kGdw, lay.dw, g.N * g.taps(), dw.sizes()),
-          mask[kGbias] ? gbias_acc.to(x.scalar_type(), false, true) : empty(),
-          piece(kGscale, lay.scale, g.N, {g.N}),
-          piece(kGshift, lay.shift, g.N, {g.N})};
+  {
+    const at::Tensor xc = work ? standard_layout(x, fmt) : x;
+    const at::Tensor gyc = g.B > 0 ? standard_layout(grad_y, fmt) : grad_y;
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, x.scalar_type(), "bsconv_backward", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const PackedWeights<scalar_t, acc_t> wt(g, pw1, pw2, dw, bias, scale, shift);
+          auto ptr = [&](int i, at::Tensor& t) {
+            return mask[i] ? t.data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr);
+          };
+          GradOut<scalar_t> out;
+          out.w1 = ptr(kGw1, gw1);
+          out.w2 = ptr(kGw2, gw2);
+          out.dw = ptr(kGdw, gdw);
+          out.scale = ptr(kGscale, gscale);
+          out.shift = ptr(kGshift, gshift);
+          if (work) {
+            const PartialLayout lay(g, mask);
+            if (lay.size > 0 || mask[kGx]) {
+              backward_kernel<scalar_t, acc_t>(g, gyc.const_data_ptr<scalar_t>(),
+                                               xc.const_data_ptr<scalar_t>(), cl,
+                                               wt.get(), mask,
+                                               mask[kGx] ? gx.data_ptr<scalar_t>() : nullptr,
+                                               out);
+            }
+          } else {
+            // No pixels: the weight gradients are zero.
+            for (at::Tensor* t : {&gw1, &gw2, &gdw, &gscale, &gshift}) {
+              if (t->numel() > 0) t->zero_();
+            }
+          }
+          if (mask[kGbias] && g.B > 0) {
+            bias_grad_kernel<scalar_t, acc_t>(g, gyc.const_data_ptr<scalar_t>(), cl,
+                                              gbias.data_ptr<scalar_t>());
+          }
+        });
+  }
+  return {gx, gw1, gw2, gdw, gbias, gscale, gshift};
 }
 
 }  // namespace

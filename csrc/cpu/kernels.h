@@ -1,233 +1,313 @@
-// Fused BSConv CPU kernels (forward and one-pass backward) on raw pointers.
+// Fused BSConv CPU kernels: shared pieces (scratch, operands of the projection GEMMs, tiling).
 //
 // Structure (shared/design/bsconv.md, "A structure that keeps the options from multiplying"):
-//   patch stage     gather_patch + project: the patch of v a tile needs, with all padding,
-//                   projection and mid-transform logic;
-//   depthwise stage depthwise_tile: a plain valid depthwise conv over the stored patch.
-// The backward mirrors it over disjoint tiles of v-space: the depthwise transpose and the
-// blueprint gradient read gy through (output, tap) pairs whose padded read position remaps into
-// the tile, then the adjoint of the patch stage produces gx for the tile's own pixels (no
-// atomics) and per-group weight-gradient partials summed in a fixed order (deterministic, and
-// independent of the thread count).
+//   patch stage     the projection GEMM writes v for whole image rows into a channels-last
+//                   scratch ([pixel][channel]); padding is a row map (rows that read zeros
+//                   point at a zero row) and a column map, the mid transform runs on the rows
+//                   just computed;
+//   depthwise stage dw_row (simd.h): a depthwise conv over those rows, vectorized over
+//                   channels, with a dense interior and mapped border columns.
+// The forward walks a band of output rows in blocks and keeps the v rows that the next block
+// reads again, so a band recomputes no halo inside itself. The backward runs over disjoint
+// bands of v rows (several whole images when images are small): gather-form transposed
+// depthwise and blueprint correlation on the in-image taps, a correction pass for the padded
+// taps that remap into the image (reflect / replicate / circular), then the adjoint of the
+// projection: gx for the band's own pixels (no atomics) and weight-gradient partials per fixed
+// group of tasks, summed in group order (deterministic, independent of the thread count).
+//
+// Both x and y / gx / gy have standard NCHW or channels-last strides (the host makes sure).
+// The projection GEMMs read x in place when its dtype is the accumulation type.
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "common/bsconv_math.h"
 #include "common/geometry.h"
 #include "cpu/gemm.h"
+#include "cpu/simd.h"
 
 namespace bsconv::cpu {
 
-// A 4-D strided view (any memory format); element (b, c, h, w).
-template <typename T>
-struct View4 {
-  T* data;
-  int64_t sb, sc, sh, sw;
-  T& operator()(int64_t b, int64_t c, int64_t h, int64_t w) const {
-    return data[b * sb + c * sc + h * sh + w * sw];
+// Scratch memory: per-thread, grow-only buffers, one per role (`slot`), kept across calls so
+// that a call does not page-fault fresh memory in (the OpenMP pool threads persist). 64-byte
+// aligned; zero-filled when asked. Buffers that are live at the same time on one thread must
+// use different slots (the slot ids below).
+enum ScratchSlot : int {
+  kSlotProjX = 0,
+  kSlotFwdVt, kSlotFwdV, kSlotFwdZero, kSlotFwdOut, kSlotFwdX, kSlotFwdU,
+  kSlotBwdU, kSlotBwdPartials, kSlotBwdV, kSlotBwdA, kSlotBwdGvb, kSlotBwdGc, kSlotBwdGu,
+  kSlotBwdGy, kSlotBwdX, kSlotBwdGx, kSlotBwdGb, kSlotBwdDsc, kSlotBwdDsh,
+  kNumSlots
+};
+
+struct ScratchBuffers {
+  struct Buf {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+  };
+  Buf bufs[kNumSlots];
+  ~ScratchBuffers() {
+    for (Buf& b : bufs) std::free(b.ptr);
+  }
+  void* get(int slot, size_t bytes) {
+    Buf& b = bufs[slot];
+    if (b.bytes < bytes) {
+      std::free(b.ptr);
+      b.ptr = std::aligned_alloc(64, bytes);
+      b.bytes = b.ptr ? bytes : 0;
+      TORCH_CHECK(b.ptr != nullptr, "bsconv_fused: out of memory allocating ", bytes,
+                  " bytes of scratch");
+    }
+    return b.ptr;
   }
 };
 
-// Weights converted once per call to the accumulation type, dense row-major.
+inline ScratchBuffers& thread_scratch() {
+  thread_local ScratchBuffers buffers;
+  return buffers;
+}
+
+template <typename T>
+class Scratch {
+ public:
+  Scratch() = default;
+  Scratch(int slot, int64_t n, bool zero = true) { reset(slot, n, zero); }
+  void reset(int slot, int64_t n, bool zero = true) {
+    const size_t bytes = ((size_t(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64) * 64;
+    ptr_ = static_cast<T*>(thread_scratch().get(slot, bytes));
+    if (zero) std::memset(static_cast<void*>(ptr_), 0, bytes);
+  }
+  T* get() const { return ptr_; }
+
+ private:
+  T* ptr_ = nullptr;
+};
+
+// Weights in the accumulation type, in the layouts the kernels read.
 template <typename acc_t>
 struct Weights {
   const acc_t* w1;     // [proj1_rows, M]
   const acc_t* w2;     // [N, Mmid] or nullptr
-  const acc_t* dw;     // [N, Kh*Kw]
-  const acc_t* bias;   // [N] or nullptr
-  const acc_t* scale;  // [N] or nullptr
-  const acc_t* shift;  // [N] or nullptr
+  const acc_t* taps;   // [Kh*Kw, Np]: taps[k * Np + n] = dw[n, k], zero beyond N
+  const acc_t* bias;   // [Np], zero without a bias
+  const acc_t* scale;  // [Np], 1 without a scale (0 beyond N)
+  const acc_t* shift;  // [Np], 0 without a shift
+  int64_t Np;          // N rounded up to kLanes
+  const acc_t* wpt;    // [K][Np]: the projection into v (w1, or w2 for BSConv-S) transposed,
+                       // when K <= kSmallProjK (small projections run proj_b8); else nullptr
 };
 
-// 64-byte aligned scratch (a consistent alignment keeps the BLAS bitwise reproducible).
-template <typename T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) : n_(n) {
-    const size_t bytes = ((size_t(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64) * 64;
-    ptr_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-    TORCH_CHECK(ptr_ != nullptr, "bsconv_fused: out of memory allocating ", bytes,
-                " bytes of scratch");
-  }
-  T* get() const { return ptr_.get(); }
-  void zero() const { std::memset(ptr_.get(), 0, size_t(n_) * sizeof(T)); }
-
- private:
-  struct Free {
-    void operator()(T* p) const { std::free(p); }
-  };
-  int64_t n_;
-  std::unique_ptr<T, Free> ptr_;
-};
-
-// ---------------------------------------------------------------------------------------------
-// Tiling. One function decides the tile sizes for a call, from the channel counts: a tile's
-// patch buffers should stay within a per-core cache budget.
-struct Tiling {
-  int64_t th = 1, tw = 1;  // forward: output tile; backward: v-space tile
-  int64_t nc = 1;          // forward: channels per chunk
-  int64_t tiles_h = 0, tiles_w = 0, chunks = 1;
-  int64_t tiles() const { return tiles_h * tiles_w; }
-};
-
-constexpr int64_t kCacheBudgetBytes = 384 * 1024;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Halves the larger side until `bytes(th, tw)` fits the budget (or the tile is one pixel).
+// Runs `body(worker)` on every thread of the intra-op pool; tasks are claimed from a shared
+// counter, so a thread slowed down by other load takes fewer of them. (Results never depend on
+// which thread ran a task.) The BLAS stays single-threaded inside.
 template <typename F>
-void shrink_to_budget(int64_t& th, int64_t& tw, F bytes) {
-  while (bytes(th, tw) > kCacheBudgetBytes && (th > 1 || tw > 1)) {
-    if (th >= tw) th = ceil_div(th, 2); else tw = ceil_div(tw, 2);
-  }
-}
-
-inline Tiling forward_tiling(const Geometry& g, int64_t acc_size) {
-  Tiling t;
-  // BSConv-S recomputes the M' subspace per chunk, so it keeps all N channels in one chunk.
-  t.nc = g.subspace() ? g.N : std::min<int64_t>(g.N, 128);
-  t.chunks = ceil_div(g.N, t.nc);
-  t.th = std::max<int64_t>(g.Ho, 1);
-  t.tw = std::max<int64_t>(g.Wo, 1);
-  const int64_t per_pos = (g.M + g.Mmid + t.nc) * acc_size;
-  shrink_to_budget(t.th, t.tw, [&](int64_t th, int64_t tw) {
-    return ((th - 1) * g.sh + (g.Kh - 1) * g.dh + 1) * ((tw - 1) * g.sw + (g.Kw - 1) * g.dw + 1) *
-           per_pos;
+void run_workers(int64_t tasks, F body) {
+  if (tasks <= 0) return;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    SingleThreadedBlas blas_guard;
+    body([&next, tasks]() -> int64_t {
+      const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+      return t < tasks ? t : -1;
+    });
   });
-  // Enough tasks to keep every core busy on single-image calls.
-  while (g.B * t.chunks * ceil_div(g.Ho, t.th) * ceil_div(g.Wo, t.tw) < 16 &&
-         (t.th > 8 || t.tw > 8)) {
-    if (t.th >= t.tw) t.th = ceil_div(t.th, 2); else t.tw = ceil_div(t.tw, 2);
-  }
-  t.tiles_h = ceil_div(g.Ho, t.th);
-  t.tiles_w = ceil_div(g.Wo, t.tw);
-  return t;
-}
-
-inline Tiling backward_tiling(const Geometry& g, int64_t acc_size) {
-  Tiling t;
-  t.th = std::max<int64_t>(g.H, 1);
-  t.tw = std::max<int64_t>(g.W, 1);
-  // x and gx, u and gu, v (pre-activation), act(v) and gv per v-space position.
-  const int64_t per_pos = (2 * g.M + 2 * g.Mmid + 3 * g.N) * acc_size;
-  shrink_to_budget(t.th, t.tw, [&](int64_t th, int64_t tw) { return th * tw * per_pos; });
-  t.tiles_h = g.H > 0 ? ceil_div(g.H, t.th) : 0;
-  t.tiles_w = g.W > 0 ? ceil_div(g.W, t.tw) : 0;
-  return t;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Patch stage.
+// Per-pixel matrices. A [pixel][channel] matrix is stored channels-last (CL: element (p, c) at
+// ptr[p * ld + c]) or channel-major (CM: at ptr[c * ld + p]; an NCHW image). v and gv are kept
+// channels-last, so that moving them to and from the depthwise's B8 layout is a copy; x and
+// gx keep the tensor's layout (the GEMMs take transposed operands).
+template <typename T>
+struct Operand {
+  const T* ptr;
+  int64_t ld;
+  bool cm;
+};
 
-// Source pixel of each patch row/column (image coordinate origin = first patch position), or -1
-// for a zero. `origin` is the image coordinate of patch position 0.
-inline void remap_axis(int64_t origin, int64_t count, int64_t size, int mode, int64_t* src) {
-  for (int64_t i = 0; i < count; ++i) src[i] = remap_index(origin + i, size, mode);
-}
+// An image batch [B, C, H, W] seen as per-pixel matrices: CL: element (b, c, pixel p) at
+// p_[(b * H * W + p) * C + c]; CM: at p_[b * bstride + c * cstride + p] (NCHW: bstride = C*H*W,
+// cstride = H*W; a batch-major CM buffer: bstride = H*W, cstride = B*H*W).
+template <typename S>
+struct Image {
+  const S* p;
+  int64_t C;
+  bool cm;
+  int64_t bstride, cstride;
+};
 
-// X[m][r*pw + c] = x[b, m, src_row[r], src_col[c]] (0 where either source is -1).
-template <typename scalar_t, typename acc_t>
-void gather_patch(const View4<const scalar_t>& x, int64_t b, int64_t M, const int64_t* src_row,
-                  int64_t ph, const int64_t* src_col, int64_t pw, acc_t* X) {
-  const int64_t P = ph * pw;
-  if (x.sc == 1) {
-    // channels_last: channels are contiguous, so walk pixels outside and channels inside.
-    for (int64_t r = 0; r < ph; ++r) {
-      for (int64_t c = 0; c < pw; ++c) {
-        const int64_t p = r * pw + c;
-        if (src_row[r] < 0 || src_col[c] < 0) {
-          for (int64_t m = 0; m < M; ++m) X[m * P + p] = acc_t(0);
-        } else {
-          const scalar_t* px = &x(b, 0, src_row[r], src_col[c]);
-          for (int64_t m = 0; m < M; ++m) X[m * P + p] = acc_t(px[m]);
-        }
-      }
-    }
-    return;
-  }
-  for (int64_t m = 0; m < M; ++m) {
-    acc_t* Xm = X + m * P;
-    for (int64_t r = 0; r < ph; ++r) {
-      acc_t* dst = Xm + r * pw;
-      if (src_row[r] < 0) {
-        for (int64_t c = 0; c < pw; ++c) dst[c] = acc_t(0);
-        continue;
-      }
-      const scalar_t* row = &x(b, m, src_row[r], 0);
-      for (int64_t c = 0; c < pw; ++c) {
-        dst[c] = src_col[c] < 0 ? acc_t(0) : acc_t(row[src_col[c] * x.sw]);
-      }
+// Pixels [r0 * W, r1 * W) of images [b0, b0 + nb) of `img` as an Operand of type T. In place
+// when the types match and the pixels are evenly strided (one image, or images adjacent in
+// memory); otherwise gathered (and converted) into `scratch` (P * C elements).
+template <typename T, typename S>
+Operand<T> image_operand(const Image<S>& img, int64_t H, int64_t W, int64_t b0, int64_t nb,
+                         int64_t r0, int64_t r1, T* scratch) {
+  const int64_t HW = H * W, run = (r1 - r0) * W, P = nb * run, C = img.C;
+  if (!img.cm) {
+    const S* p = img.p + (b0 * HW + r0 * W) * C;  // nb > 1 only with whole images: contiguous
+    if constexpr (std::is_same_v<S, T>) {
+      return {p, C, false};
+    } else {
+      for (int64_t i = 0; i < P * C; ++i) scratch[i] = T(p[i]);
+      return {scratch, C, false};
     }
   }
+  if constexpr (std::is_same_v<S, T>) {
+    if (nb == 1 || img.bstride == HW) return {img.p + b0 * img.bstride + r0 * W, img.cstride, true};
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t i = 0; i < nb; ++i) {
+      const S* s = img.p + (b0 + i) * img.bstride + c * img.cstride + r0 * W;
+      T* d = scratch + c * P + i * run;
+      for (int64_t k = 0; k < run; ++k) d[k] = T(s[k]);
+    }
+  }
+  return {scratch, P, true};
 }
 
-// V[rows][P] = projection of X (W1 X, or W2 (W1 X) with U kept in `U`), for output channels
-// [n0, n0 + rows).
-template <typename acc_t>
-void project(const Geometry& g, const Weights<acc_t>& w, int64_t n0, int64_t rows,
-             const acc_t* X, int64_t P, acc_t* U, acc_t* V) {
-  if (g.subspace()) {
-    gemm(false, false, g.Mmid, P, g.M, acc_t(1), w.w1, g.M, X, P, acc_t(0), U, P);
-    gemm(false, false, rows, P, g.Mmid, acc_t(1), w.w2 + n0 * g.Mmid, g.Mmid, U, P, acc_t(0),
-         V, P);
+// The three GEMM shapes of the projections, on per-pixel matrices of either layout (MKL runs
+// narrow outputs - few channels - much faster with the pixels in the leading dimension, so u
+// and its gradient are kept channel-major, v and gv channels-last for the B8 copies).
+// Y[P][N] = X[P][K] W^T  (W: [N][K] row-major)
+template <typename T>
+void proj_gemm(const Operand<T>& X, int64_t P, int64_t N, int64_t K, const T* W, T* Y,
+               int64_t ldy, bool y_cm) {
+  if (y_cm) {
+    gemm(false, !X.cm, N, P, K, T(1), W, K, X.ptr, X.ld, T(0), Y, ldy);
   } else {
-    gemm(false, false, rows, P, g.M, acc_t(1), w.w1 + n0 * g.M, g.M, X, P, acc_t(0), V, P);
+    gemm(X.cm, true, P, N, K, T(1), X.ptr, X.ld, W, K, T(0), Y, ldy);
   }
 }
-
-// In place: V = act(scale * V + shift) at image pixels, 0 at zero-padding positions. (Without a
-// mid transform V is already 0 there, since X was.)
-template <typename acc_t>
-void mid_transform(const Geometry& g, const Weights<acc_t>& w, int64_t n0, int64_t rows,
-                   const int64_t* src_row, int64_t ph, const int64_t* src_col, int64_t pw,
-                   acc_t* V) {
-  if (!g.has_mid()) return;
-  const int64_t P = ph * pw;
-  for (int64_t n = 0; n < rows; ++n) {
-    const acc_t s = w.scale ? w.scale[n0 + n] : acc_t(1);
-    const acc_t t = w.shift ? w.shift[n0 + n] : acc_t(0);
-    acc_t* Vn = V + n * P;
-    for (int64_t r = 0; r < ph; ++r) {
-      for (int64_t c = 0; c < pw; ++c) {
-        acc_t& v = Vn[r * pw + c];
-        v = (src_row[r] < 0 || src_col[c] < 0) ? acc_t(0) : activate(v * s + t, g.act);
-      }
-    }
+// G[N][K] = beta G + Y^T X  (Y: [P][N], X: [P][K]; G row-major)
+template <typename T>
+void wgrad_gemm(int64_t P, int64_t N, int64_t K, const Operand<T>& Y, const Operand<T>& X,
+                T beta, T* G) {
+  gemm(!Y.cm, X.cm, N, K, P, T(1), Y.ptr, Y.ld, X.ptr, X.ld, beta, G, K);
+}
+// Z[P][K] = Y[P][N] W  (W: [N][K] row-major)
+template <typename T>
+void igrad_gemm(const Operand<T>& Y, int64_t P, int64_t N, int64_t K, const T* W, T* Z,
+                int64_t ldz, bool z_cm) {
+  if (z_cm) {
+    gemm(true, !Y.cm, K, P, N, T(1), W, K, Y.ptr, Y.ld, T(0), Z, ldz);
+  } else {
+    gemm(Y.cm, false, P, K, N, T(1), Y.ptr, Y.ld, W, K, T(0), Z, ldz);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Depthwise stage: valid depthwise conv of one channel's patch into a th x tw output tile.
-// `acc` is a tw-long row accumulator.
-template <typename scalar_t, typename acc_t>
-void depthwise_tile(const Geometry& g, const acc_t* Vn, int64_t pw, const acc_t* taps,
-                    acc_t bias, int64_t th, int64_t tw, scalar_t* out, int64_t out_sh,
-                    int64_t out_sw, acc_t* acc) {
-  for (int64_t i = 0; i < th; ++i) {
-    for (int64_t j = 0; j < tw; ++j) acc[j] = bias;
-    for (int64_t kh = 0; kh < g.Kh; ++kh) {
-      const acc_t* row = Vn + (i * g.sh + kh * g.dh) * pw;
-      for (int64_t kw = 0; kw < g.Kw; ++kw) {
-        const acc_t wk = taps[kh * g.Kw + kw];
-        const acc_t* src = row + kw * g.dw;
-        if (g.sw == 1) {
-          for (int64_t j = 0; j < tw; ++j) acc[j] += wk * src[j];
-        } else {
-          for (int64_t j = 0; j < tw; ++j) acc[j] += wk * src[j * g.sw];
-        }
-      }
+// Tiling. Decided from the geometry only (never from the thread count), so that the results,
+// in particular the backward's summation order, do not depend on the number of threads.
+
+// Forward: tasks are (image, channel chunk, band of output rows); a band is walked in blocks of
+// `ob` output rows whose v rows (at most `slots`) stay in a cache-sized scratch.
+struct ForwardPlan {
+  int64_t nc = 1, chunks = 1;  // channels per chunk (a multiple of kLanes unless nc == N)
+  int64_t band = 1, bands = 1;  // output rows per band
+  int64_t ob = 1, slots = 1;
+  int64_t tasks(int64_t B) const { return B * chunks * bands; }
+};
+
+constexpr int64_t kForwardVBudget = 384 * 1024;  // bytes of v rows per block
+
+// min_tasks: tasks wanted for load balance (the forward's results do not depend on the tiling
+// beyond rounding, and nothing requires them to be independent of the thread count).
+inline ForwardPlan forward_plan(const Geometry& g, int64_t acc_size, int64_t min_tasks) {
+  ForwardPlan p;
+  auto set_nc = [&](int64_t nc) {
+    p.nc = nc >= g.N ? g.N : round_up(nc, kLanes);
+    p.chunks = ceil_div(g.N, p.nc);
+  };
+  // BSConv-S keeps all channels in one chunk: every chunk would recompute the u rows.
+  set_nc(g.subspace() ? g.N : std::min<int64_t>(g.N, 128));
+  p.band = g.Ho;
+  p.bands = 1;
+  // Parallelism for small batches: first narrower channel chunks (no extra work for BSConv-U),
+  // then bands of output rows (each band recomputes the v rows it shares with its neighbour).
+  while (p.tasks(g.B) < min_tasks) {
+    if (p.nc > 64 && !g.subspace()) {
+      set_nc(p.nc / 2);
+    } else if (ceil_div(g.Ho, p.bands * 2) >= 4) {
+      p.bands *= 2;
+      p.band = ceil_div(g.Ho, p.bands);  // balanced bands
+      p.bands = ceil_div(g.Ho, p.band);
+    } else {
+      break;
     }
-    scalar_t* orow = out + i * out_sh;
-    for (int64_t j = 0; j < tw; ++j) orow[j * out_sw] = scalar_t(acc[j]);
   }
+  // A v row is held twice: as the GEMM wrote it and in the depthwise's B8 layout.
+  const int64_t row_bytes = 2 * g.W * round_up(p.nc, kLanes) * acc_size;
+  const int64_t budget_rows = std::max<int64_t>(1, kForwardVBudget / std::max<int64_t>(row_bytes, 1));
+  const int64_t span = (g.Kh - 1) * g.dh + 1;
+  p.ob = std::clamp<int64_t>((budget_rows - span) / g.sh + 1, 1, std::max<int64_t>(p.band, 1));
+  p.slots = (p.ob - 1) * g.sh + span;
+  return p;
+}
+
+// Backward: tasks are bands of `nr` v rows of one image, or `nb` whole images.
+struct BackwardPlan {
+  int64_t nb = 1, nr = 1;
+  int64_t bands = 1, image_groups = 1;
+  int64_t tasks = 0;
+  int64_t groups = 1;  // weight-gradient partials
+};
+
+constexpr int64_t kBackwardBudget = 4 << 20;  // bytes of per-pixel scratch per task
+constexpr int64_t kPartialBudget = 8 << 20;   // bytes of weight-gradient partials
+
+// The split depends on the geometry only: the tasks and their groups fix the summation order
+// of the weight gradients, which must not depend on the thread count.
+inline BackwardPlan backward_plan(const Geometry& g, int64_t bytes_per_pixel,
+                                  int64_t partial_bytes) {
+  BackwardPlan p;
+  if (g.B == 0 || g.H == 0 || g.W == 0) return p;
+  const int64_t HW = g.H * g.W;
+  const int64_t max_px =
+      std::max<int64_t>(g.W, kBackwardBudget / std::max<int64_t>(bytes_per_pixel, 1));
+  int64_t bands = ceil_div(HW, max_px), groups_of_images = g.B;
+  auto count = [&] {
+    bands = std::min(bands, g.H);
+    p.nr = ceil_div(g.H, bands);  // balanced bands of rows
+    p.bands = ceil_div(g.H, p.nr);
+    p.nb = p.bands == 1 ? ceil_div(g.B, groups_of_images) : 1;
+    p.image_groups = ceil_div(g.B, p.nb);
+    p.tasks = p.image_groups * p.bands;
+  };
+  if (bands <= 1) {
+    bands = 1;
+    groups_of_images = ceil_div(g.B, std::clamp<int64_t>(max_px / HW, 1, g.B));
+  }
+  count();
+  // Parallelism for small batches, while the GEMMs keep enough pixels: four tasks if they keep
+  // 64 pixels each, two if they keep 16.
+  auto split = [&](int64_t want, int64_t min_px) {
+    while (p.tasks < want) {
+      if (p.nb > 1) {
+        groups_of_images = std::min(g.B, groups_of_images * 2);
+      } else if (ceil_div(g.H, p.bands * 2) * g.W >= min_px && p.bands < g.H) {
+        bands = p.bands * 2;
+      } else {
+        break;
+      }
+      count();
+    }
+  };
+  split(4, 64);
+  split(2, 16);
+  p.groups = std::min<int64_t>(
+      p.tasks, std::clamp<int64_t>(kPartialBudget / std::max<int64_t>(partial_bytes, 1), 2, 16));
+  return p;
 }
 
 }  // namespace bsconv::cpu

@@ -1,0 +1,903 @@
+// Inner loops of the CPU kernels: the depthwise stage, the mid transform, the backward's
+// transposed depthwise and blueprint correlation, and the layout changes around them.
+//
+// Layouts. The projection GEMMs read and write channels-last matrices ("CL", [pixel][channel]
+// with a pixel stride). The depthwise loops work on a channel-blocked layout ("B8"): blocks of
+// kLanes = 8 channels, each block a [pixel][8] array, so that a block's rows are contiguous
+// streams (a channels-last walk over a few rows of wide pixels misses L1 on most loads).
+// Element (pixel p, channel n) of a B8 buffer sits at (n / 8) * cbs + p * 8 + n % 8, where
+// `cbs` is the buffer's channel-block stride. Channel counts are rounded up to whole blocks
+// ("lanes"); padded channels hold zeros.
+//
+// Every loop exists twice: a generic template (any accumulation type, any ISA; the float64
+// path and CPUs without AVX2) and an AVX2/FMA float version compiled with a target attribute
+// and chosen at run time. Both sum in a fixed order; which one runs depends on the CPU only.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "common/bsconv_math.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define BSCONV_X86_AVX2 1
+#define BSCONV_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define BSCONV_X86_AVX2 0
+#endif
+
+namespace bsconv::cpu {
+
+constexpr int64_t kLanes = 8;  // channels per block
+constexpr int64_t kMaxK = 16;  // the AVX2 loops handle kernels up to 16 x 16
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// floor(a / b) for b > 0 and any sign of a.
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+// Offset of (pixel p, channel n) in a B8 buffer with channel-block stride cbs.
+inline int64_t b8(int64_t p, int64_t n, int64_t cbs) {
+  return (n / kLanes) * cbs + p * kLanes + n % kLanes;
+}
+
+// True when the AVX2 float loops run: the CPU has AVX2 and FMA, and BSCONV_CPU_GENERIC is
+// not set to a non-zero value (a debugging switch that forces the generic loops).
+inline bool avx2_enabled() {
+  static const bool on = [] {
+#if BSCONV_X86_AVX2
+    const char* env = std::getenv("BSCONV_CPU_GENERIC");
+    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return on;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument blocks.
+
+// The depthwise loops read padded B8 rows: a row holds its image pixels at an offset and the
+// padding pixels around them (zeros, or for reflect / replicate / circular padding the pixels
+// they remap to), so every output column reads through the same dense loop.
+
+// Forward depthwise of `rows_out` output rows over `lanes` channels (B8 in, B8 or CL out):
+// out_i[j][n] = bias[n] + sum_{kh, kw} taps[(kh*Kw + kw)*ts + n] * v(i, kh)[j*sw + kw*dw][n]
+// where v(i, kh) is the padded B8 row rows[i*Kh + kh] (column 0 = padded column 0) with
+// channel-block stride rcbs[i*Kh + kh] (a row of zero padding: a zero row with stride 0).
+template <typename T>
+struct DwArgs {
+  int64_t rows_out;
+  const T* const* rows;
+  const int64_t* rcbs;
+  int64_t Kh, Kw, sw, dw;
+  int64_t Wo;
+  int64_t lanes;
+  const T* taps;
+  int64_t ts;
+  const T* bias;
+  T* const* outs;  // out_i(j, n) = outs[i][(n / 8) * ocbs + j * ops + n % 8], or with cm_out
+  int64_t ocbs, ops;  // outs[i][n * ocs + j] for channels n < valid (NCHW rows)
+  bool cm_out;
+  int64_t ocs, valid;
+};
+
+// Backward, transposed depthwise of one v row (gather form), B8 in and out: for image column
+// c = phase + sw*t, gv[c][n] = sum over the gy rows i that read this v row through tap row
+// khs[i], and the taps kws[q] of the phase, of taps[(khs[i]*Kw + kws[q])*ts + n] *
+// gy_i[t + offs[q]][n]; the gy rows are padded with zeros (offs include the left padding).
+template <typename T>
+struct GvArgs {
+  const T* const* grows;
+  const int64_t* khs;
+  int64_t nk;
+  int64_t gcbs;
+  int64_t Kw, sw, W;
+  const int64_t* ph_n;    // [sw]: taps of each phase
+  const int64_t* ph_kw;   // [sw * Kw]
+  const int64_t* ph_off;  // [sw * Kw]
+  int64_t lanes;
+  const T* taps;
+  int64_t ts;
+  T* out;  // plain B8 row of W pixels
+  int64_t ocbs;
+};
+
+// Backward, blueprint correlation of one (gy row, act(v) row) pair joined by tap row kh (B8,
+// both padded with zeros): gb[kw*gbs + n] += sum_{ow < Wo} gy[ow][n] * a[ow*sw + kw*dw][n].
+template <typename T>
+struct GbArgs {
+  const T* grow;  // gy column 0 (not the padded column 0)
+  int64_t gcbs;
+  const T* arow;  // padded column 0
+  int64_t acbs;
+  int64_t Kw, sw, dw, Wo;
+  int64_t lanes;
+  T* gb;
+  int64_t gbs;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Generic loops.
+
+template <typename T>
+void dw_generic(const DwArgs<T>& a) {
+  for (int64_t i = 0; i < a.rows_out; ++i) {
+    T* out = a.outs[i];
+    for (int64_t j = 0; j < a.Wo; ++j) {
+      for (int64_t n = 0; n < a.lanes; ++n) {
+        T acc = a.bias[n];
+        for (int64_t kh = 0; kh < a.Kh; ++kh) {
+          const T* row = a.rows[i * a.Kh + kh];
+          const int64_t cbs = a.rcbs[i * a.Kh + kh];
+          for (int64_t kw = 0; kw < a.Kw; ++kw) {
+            acc += a.taps[(kh * a.Kw + kw) * a.ts + n] * row[b8(j * a.sw + kw * a.dw, n, cbs)];
+          }
+        }
+        if (!a.cm_out) {
+          out[(n / kLanes) * a.ocbs + j * a.ops + n % kLanes] = acc;
+        } else if (n < a.valid) {
+          out[n * a.ocs + j] = acc;
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void gv_generic(const GvArgs<T>& a) {
+  for (int64_t phase = 0; phase < std::min(a.sw, a.W); ++phase) {
+    const int64_t T_ = ceil_div(a.W - phase, a.sw);
+    for (int64_t t = 0; t < T_; ++t) {
+      const int64_t c = phase + a.sw * t;
+      for (int64_t n = 0; n < a.lanes; ++n) {
+        T acc = T(0);
+        for (int64_t i = 0; i < a.nk; ++i) {
+          for (int64_t q = 0; q < a.ph_n[phase]; ++q) {
+            const int64_t kw = a.ph_kw[phase * a.Kw + q];
+            acc += a.taps[(a.khs[i] * a.Kw + kw) * a.ts + n] *
+                   a.grows[i][b8(t + a.ph_off[phase * a.Kw + q], n, a.gcbs)];
+          }
+        }
+        a.out[b8(c, n, a.ocbs)] = acc;
+      }
+    }
+  }
+}
+
+template <typename T>
+void gb_generic(const GbArgs<T>& a) {
+  for (int64_t n = 0; n < a.lanes; ++n) {
+    for (int64_t kw = 0; kw < a.Kw; ++kw) {
+      T acc = T(0);
+      for (int64_t ow = 0; ow < a.Wo; ++ow) {
+        acc += a.grow[b8(ow, n, a.gcbs)] * a.arow[b8(ow * a.sw + kw * a.dw, n, a.acbs)];
+      }
+      a.gb[kw * a.gbs + n] += acc;
+    }
+  }
+}
+
+// CL -> B8 for `pixels` pixels: dst = src, or act(src * scale + shift) with `mid`. Channels
+// [0, valid) are read; B8 lanes from `valid` up to the next block boundary are left alone
+// (they stay zero in zero-filled buffers).
+template <typename S, typename T>
+void cl_to_b8_generic(const S* src, int64_t sps, int64_t pixels, int64_t valid, T* dst,
+                      int64_t dcbs, bool mid, const T* scale, const T* shift, int act) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    const S* s = src + p * sps;
+    for (int64_t n = 0; n < valid; ++n) {
+      const T v = T(s[n]);
+      dst[b8(p, n, dcbs)] = mid ? activate(v * scale[n] + shift[n], act) : v;
+    }
+  }
+}
+
+// B8 gv -> CL gv for `pixels` pixels and `lanes` channels, through the mid transform when
+// `mid`: with z = v * scale + shift (v: pre-activation, CL), gz = gv * act'(z),
+// gscale += gz * v and gshift += gz (in double, in pixel order), gv = gz * scale.
+template <typename T>
+void gv_to_cl_generic(const T* gvb, int64_t gcbs, const T* v, T* gvc, int64_t ps,
+                      int64_t pixels, int64_t lanes, bool mid, const T* scale, const T* shift,
+                      int act, double* gscale, double* gshift) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    for (int64_t n = 0; n < lanes; ++n) {
+      const T g = gvb[b8(p, n, gcbs)];
+      if (!mid) {
+        gvc[p * ps + n] = g;
+        continue;
+      }
+      const T vp = v[p * ps + n];
+      const T gz = g * activate_grad(vp * scale[n] + shift[n], act);
+      gscale[n] += double(gz * vp);
+      gshift[n] += double(gz);
+      gvc[p * ps + n] = gz * scale[n];
+    }
+  }
+}
+
+// Channel-major ("CM", [channel][pixel] rows with row stride sld) -> B8 for `pixels` pixels
+// and channels [0, valid), with the mid transform when `mid` (as cl_to_b8).
+template <typename S, typename T>
+void cm_to_b8_generic(const S* src, int64_t sld, int64_t pixels, int64_t valid, T* dst,
+                      int64_t dcbs, bool mid, const T* scale, const T* shift, int act) {
+  for (int64_t n = 0; n < valid; ++n) {
+    const S* s = src + n * sld;
+    for (int64_t p = 0; p < pixels; ++p) {
+      const T v = T(s[p]);
+      dst[b8(p, n, dcbs)] = mid ? activate(v * scale[n] + shift[n], act) : v;
+    }
+  }
+}
+
+// B8 -> CM rows: dst[n * dld + p] = D(src[b8(p, n, scbs)]) for n < rows, p < pixels.
+template <typename S, typename D>
+void b8_to_cm_generic(const S* src, int64_t scbs, int64_t pixels, int64_t rows, D* dst,
+                      int64_t dld) {
+  for (int64_t n = 0; n < rows; ++n) {
+    for (int64_t p = 0; p < pixels; ++p) dst[n * dld + p] = D(src[b8(p, n, scbs)]);
+  }
+}
+
+#if BSCONV_X86_AVX2
+// ---------------------------------------------------------------------------------------------
+// AVX2 / FMA float loops.
+
+// Stores the first len (< 8) lanes of v. (vmaskmovps stores are microcoded on AMD Zen: ~13
+// cycles each; these plain stores take 1-3.)
+BSCONV_AVX2 inline void store_partial_avx2(float* p, __m256 v, int64_t len) {
+  __m128 x = _mm256_castps256_ps128(v);
+  if (len >= 4) {
+    _mm_storeu_ps(p, x);
+    p += 4;
+    len -= 4;
+    x = _mm256_extractf128_ps(v, 1);
+  }
+  if (len >= 2) {
+    _mm_storel_pi(reinterpret_cast<__m64*>(p), x);
+    p += 2;
+    len -= 2;
+    x = _mm_movehl_ps(x, x);
+  }
+  if (len >= 1) _mm_store_ss(p, x);
+}
+
+BSCONV_AVX2 inline __attribute__((always_inline)) __m256 avx2_activate(__m256 z, int act) {
+  const __m256 zero = _mm256_setzero_ps();
+  switch (act) {
+    case kActRelu:
+      return _mm256_blendv_ps(z, zero, _mm256_cmp_ps(z, zero, _CMP_LT_OQ));
+    case kActRelu6: {
+      const __m256 six = _mm256_set1_ps(6.f);
+      __m256 r = _mm256_blendv_ps(z, zero, _mm256_cmp_ps(z, zero, _CMP_LT_OQ));
+      return _mm256_blendv_ps(r, six, _mm256_cmp_ps(z, six, _CMP_GT_OQ));
+    }
+    case kActHardswish: {
+      const __m256 three = _mm256_set1_ps(3.f);
+      __m256 r = _mm256_div_ps(_mm256_mul_ps(z, _mm256_add_ps(z, three)), _mm256_set1_ps(6.f));
+      r = _mm256_blendv_ps(r, zero, _mm256_cmp_ps(z, _mm256_set1_ps(-3.f), _CMP_LT_OQ));
+      return _mm256_blendv_ps(r, z, _mm256_cmp_ps(z, three, _CMP_GT_OQ));
+    }
+    default:
+      return z;
+  }
+}
+
+BSCONV_AVX2 inline __attribute__((always_inline)) __m256 avx2_activate_grad(__m256 z,
+                                                                           int act) {
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
+  switch (act) {
+    case kActRelu:
+      return _mm256_and_ps(_mm256_cmp_ps(z, zero, _CMP_GT_OQ), one);
+    case kActRelu6: {
+      const __m256 in = _mm256_and_ps(_mm256_cmp_ps(z, zero, _CMP_GT_OQ),
+                                      _mm256_cmp_ps(z, _mm256_set1_ps(6.f), _CMP_LT_OQ));
+      return _mm256_and_ps(in, one);
+    }
+    case kActHardswish: {
+      __m256 r = _mm256_add_ps(_mm256_div_ps(z, _mm256_set1_ps(3.f)), _mm256_set1_ps(0.5f));
+      r = _mm256_blendv_ps(r, one, _mm256_cmp_ps(z, _mm256_set1_ps(3.f), _CMP_NLE_UQ));
+      return _mm256_blendv_ps(r, zero, _mm256_cmp_ps(z, _mm256_set1_ps(-3.f), _CMP_LT_OQ));
+    }
+    default:
+      return one;
+  }
+}
+
+BSCONV_AVX2 inline void transpose8_regs_avx2(__m256* r) {
+  __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// --- forward depthwise ---
+
+// J output columns from j, taps read from memory (any kernel size).
+template <int J>
+BSCONV_AVX2 inline void dw_block_avx2(const DwArgs<float>& a, const float* const* r,
+                                      const float* tp, __m256 b, float* o, int64_t j) {
+  const int64_t step = a.sw * kLanes;
+  __m256 acc[J];
+  for (int u = 0; u < J; ++u) acc[u] = b;
+  for (int64_t kh = 0; kh < a.Kh; ++kh) {
+    const float* row = r[kh] + j * step;
+    const float* t = tp + kh * a.Kw * a.ts;
+    for (int64_t kw = 0; kw < a.Kw; ++kw) {
+      const __m256 tv = _mm256_loadu_ps(t + kw * a.ts);
+      const float* p = row + kw * a.dw * kLanes;
+      for (int u = 0; u < J; ++u) {
+        acc[u] = _mm256_fmadd_ps(tv, _mm256_load_ps(p + u * step), acc[u]);
+      }
+    }
+  }
+  for (int u = 0; u < J; ++u) _mm256_storeu_ps(o + (j + u) * a.ops, acc[u]);
+}
+
+// 3 x 3 kernels: J output columns from j with the taps in registers.
+template <int J>
+BSCONV_AVX2 inline void dw_block3_avx2(const DwArgs<float>& a, const float* const* r,
+                                       const __m256* t, __m256 b, float* o, int64_t j) {
+  const int64_t step = a.sw * kLanes, d = a.dw * kLanes, base = j * step;
+  __m256 acc[J];
+  for (int u = 0; u < J; ++u) acc[u] = b;
+  for (int kh = 0; kh < 3; ++kh) {
+    const float* row = r[kh] + base;
+    for (int u = 0; u < J; ++u) {
+      const float* p = row + u * step;
+      acc[u] = _mm256_fmadd_ps(t[kh * 3 + 0], _mm256_load_ps(p), acc[u]);
+      acc[u] = _mm256_fmadd_ps(t[kh * 3 + 1], _mm256_load_ps(p + d), acc[u]);
+      acc[u] = _mm256_fmadd_ps(t[kh * 3 + 2], _mm256_load_ps(p + 2 * d), acc[u]);
+    }
+  }
+  for (int u = 0; u < J; ++u) _mm256_storeu_ps(o + (j + u) * a.ops, acc[u]);
+}
+
+BSCONV_AVX2 inline void dw_tail_avx2(const DwArgs<float>& a, const float* const* r,
+                                     const float* tp, const __m256* t, bool k3, __m256 b,
+                                     float* o, int64_t j, int64_t n) {
+#define BSCONV_DW_TAIL(J)                                      \
+  case J:                                                      \
+    if (k3) {                                                  \
+      dw_block3_avx2<J>(a, r, t, b, o, j);                     \
+    } else {                                                   \
+      dw_block_avx2<J>(a, r, tp, b, o, j);                     \
+    }                                                          \
+    return;
+  switch (n) {
+    BSCONV_DW_TAIL(1)
+    BSCONV_DW_TAIL(2)
+    BSCONV_DW_TAIL(3)
+    BSCONV_DW_TAIL(4)
+    BSCONV_DW_TAIL(5)
+    BSCONV_DW_TAIL(6)
+    BSCONV_DW_TAIL(7)
+    default:
+      return;
+  }
+#undef BSCONV_DW_TAIL
+}
+
+// NCHW output: 8 output columns from j of channel block cb, transposed in registers and stored
+// as rows of the channels (the padded rows have room for the columns past Wo).
+template <bool K3>
+BSCONV_AVX2 inline void dw_block_cm_avx2(const DwArgs<float>& a, const float* const* r,
+                                         const float* tp, __m256 b, int64_t cb, float* o,
+                                         int64_t j) {
+  const int64_t step = a.sw * kLanes, d = a.dw * kLanes;
+  __m256 acc[8];
+  for (int u = 0; u < 8; ++u) acc[u] = b;
+  if constexpr (K3) {
+    for (int kh = 0; kh < 3; ++kh) {
+      const float* row = r[kh] + j * step;
+      for (int kw = 0; kw < 3; ++kw) {
+        const __m256 tv = _mm256_loadu_ps(tp + (kh * 3 + kw) * a.ts);
+        const float* p = row + kw * d;
+        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(tv, _mm256_load_ps(p + u * step), acc[u]);
+      }
+    }
+  } else {
+    for (int64_t kh = 0; kh < a.Kh; ++kh) {
+      const float* row = r[kh] + j * step;
+      const float* t = tp + kh * a.Kw * a.ts;
+      for (int64_t kw = 0; kw < a.Kw; ++kw) {
+        const __m256 tv = _mm256_loadu_ps(t + kw * a.ts);
+        const float* p = row + kw * d;
+        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(tv, _mm256_load_ps(p + u * step), acc[u]);
+      }
+    }
+  }
+  transpose8_regs_avx2(acc);
+  const int64_t rows = std::min(kLanes, a.valid - cb * kLanes), len = a.Wo - j;
+  float* dst = o + cb * kLanes * a.ocs + j;
+  if (len >= 8) {
+    for (int64_t c = 0; c < rows; ++c) _mm256_storeu_ps(dst + c * a.ocs, acc[c]);
+  } else {
+    for (int64_t c = 0; c < rows; ++c) store_partial_avx2(dst + c * a.ocs, acc[c], len);
+  }
+}
+
+BSCONV_AVX2 inline void dw_cm_avx2(const DwArgs<float>& a) {
+  const bool k3 = a.Kh == 3 && a.Kw == 3;
+  const float* r[kMaxK];
+  for (int64_t cb = 0; cb * kLanes < a.valid; ++cb) {
+    const float* tp = a.taps + cb * kLanes;
+    const __m256 b = _mm256_loadu_ps(a.bias + cb * kLanes);
+    for (int64_t i = 0; i < a.rows_out; ++i) {
+      for (int64_t kh = 0; kh < a.Kh; ++kh) {
+        r[kh] = a.rows[i * a.Kh + kh] + cb * a.rcbs[i * a.Kh + kh];
+      }
+      for (int64_t j = 0; j < a.Wo; j += 8) {
+        if (k3) {
+          dw_block_cm_avx2<true>(a, r, tp, b, cb, a.outs[i], j);
+        } else {
+          dw_block_cm_avx2<false>(a, r, tp, b, cb, a.outs[i], j);
+        }
+      }
+    }
+  }
+}
+
+BSCONV_AVX2 inline void dw_avx2(const DwArgs<float>& a) {
+  if (a.cm_out) return dw_cm_avx2(a);
+  const bool k3 = a.Kh == 3 && a.Kw == 3;
+  const float* r[kMaxK];
+  for (int64_t cb = 0; cb * kLanes < a.lanes; ++cb) {
+    const float* tp = a.taps + cb * kLanes;
+    const __m256 b = _mm256_loadu_ps(a.bias + cb * kLanes);
+    __m256 t[9];
+    if (k3) {
+      for (int k = 0; k < 9; ++k) t[k] = _mm256_loadu_ps(tp + k * a.ts);
+    }
+    for (int64_t i = 0; i < a.rows_out; ++i) {
+      for (int64_t kh = 0; kh < a.Kh; ++kh) {
+        r[kh] = a.rows[i * a.Kh + kh] + cb * a.rcbs[i * a.Kh + kh];
+      }
+      float* o = a.outs[i] + cb * a.ocbs;
+      int64_t j = 0;
+      if (k3) {
+        for (; j + 6 <= a.Wo; j += 6) dw_block3_avx2<6>(a, r, t, b, o, j);
+      } else {
+        for (; j + 8 <= a.Wo; j += 8) dw_block_avx2<8>(a, r, tp, b, o, j);
+      }
+      if (j < a.Wo) dw_tail_avx2(a, r, tp, t, k3, b, o, j, a.Wo - j);
+    }
+  }
+}
+
+// --- backward transposed depthwise ---
+
+// J pixels of one phase: pixel u is column c0 + u*sw and reads gy columns t + u + offs[q]
+// through the taps kws[q].
+template <int J>
+BSCONV_AVX2 inline void gv_block_avx2(const GvArgs<float>& a, const float* const* g,
+                                      const float* tp, float* o, const int64_t* kws,
+                                      const int64_t* offs, int64_t nkw, int64_t t, int64_t c0) {
+  __m256 acc[J];
+  for (int u = 0; u < J; ++u) acc[u] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < a.nk; ++i) {
+    const float* ti = tp + a.khs[i] * a.Kw * a.ts;
+    for (int64_t q = 0; q < nkw; ++q) {
+      const __m256 tv = _mm256_loadu_ps(ti + kws[q] * a.ts);
+      const float* p = g[i] + (t + offs[q]) * kLanes;
+      for (int u = 0; u < J; ++u) {
+        acc[u] = _mm256_fmadd_ps(tv, _mm256_load_ps(p + u * kLanes), acc[u]);
+      }
+    }
+  }
+  const int64_t ostep = a.sw * kLanes;
+  for (int u = 0; u < J; ++u) _mm256_store_ps(o + c0 * kLanes + u * ostep, acc[u]);
+}
+
+BSCONV_AVX2 inline void gv_avx2(const GvArgs<float>& a) {
+  const float* g[kMaxK];
+  for (int64_t cb = 0; cb * kLanes < a.lanes; ++cb) {
+    for (int64_t i = 0; i < a.nk; ++i) g[i] = a.grows[i] + cb * a.gcbs;
+    const float* tp = a.taps + cb * kLanes;
+    float* o = a.out + cb * a.ocbs;
+    for (int64_t phase = 0; phase < std::min(a.sw, a.W); ++phase) {
+      const int64_t* kws = a.ph_kw + phase * a.Kw;
+      const int64_t* offs = a.ph_off + phase * a.Kw;
+      const int64_t nkw = a.ph_n[phase];
+      const int64_t T = ceil_div(a.W - phase, a.sw);  // pixels phase + sw*t, t < T
+      int64_t t = 0;
+      for (; t + 8 <= T; t += 8) gv_block_avx2<8>(a, g, tp, o, kws, offs, nkw, t, phase + a.sw * t);
+      if (t + 4 <= T) {
+        gv_block_avx2<4>(a, g, tp, o, kws, offs, nkw, t, phase + a.sw * t);
+        t += 4;
+      }
+      if (t + 2 <= T) {
+        gv_block_avx2<2>(a, g, tp, o, kws, offs, nkw, t, phase + a.sw * t);
+        t += 2;
+      }
+      if (t < T) gv_block_avx2<1>(a, g, tp, o, kws, offs, nkw, t, phase + a.sw * t);
+    }
+  }
+}
+
+// --- backward blueprint correlation ---
+
+template <int KW>
+BSCONV_AVX2 inline void gb_avx2_k(const GbArgs<float>& a) {
+  const int64_t cstep = a.dw * kLanes, ostep = a.sw * kLanes;
+  for (int64_t cb = 0; cb * kLanes < a.lanes; ++cb) {
+    const float* g = a.grow + cb * a.gcbs;
+    const float* v = a.arow + cb * a.acbs;
+    __m256 x[KW], y[KW];
+    for (int k = 0; k < KW; ++k) x[k] = y[k] = _mm256_setzero_ps();
+    int64_t ow = 0;
+    for (; ow + 2 <= a.Wo; ow += 2) {
+      const __m256 g0 = _mm256_load_ps(g + ow * kLanes);
+      const __m256 g1 = _mm256_load_ps(g + (ow + 1) * kLanes);
+      const float* p = v + ow * ostep;
+      for (int k = 0; k < KW; ++k) {
+        x[k] = _mm256_fmadd_ps(g0, _mm256_load_ps(p + k * cstep), x[k]);
+        y[k] = _mm256_fmadd_ps(g1, _mm256_load_ps(p + ostep + k * cstep), y[k]);
+      }
+    }
+    if (ow < a.Wo) {
+      const __m256 g0 = _mm256_load_ps(g + ow * kLanes);
+      const float* p = v + ow * ostep;
+      for (int k = 0; k < KW; ++k) x[k] = _mm256_fmadd_ps(g0, _mm256_load_ps(p + k * cstep), x[k]);
+    }
+    for (int k = 0; k < KW; ++k) {
+      float* o = a.gb + k * a.gbs + cb * kLanes;
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_add_ps(x[k], y[k])));
+    }
+  }
+}
+
+BSCONV_AVX2 inline bool gb_avx2(const GbArgs<float>& a) {
+  switch (a.Kw) {
+    case 1: gb_avx2_k<1>(a); return true;
+    case 2: gb_avx2_k<2>(a); return true;
+    case 3: gb_avx2_k<3>(a); return true;
+    case 4: gb_avx2_k<4>(a); return true;
+    case 5: gb_avx2_k<5>(a); return true;
+    case 6: gb_avx2_k<6>(a); return true;
+    case 7: gb_avx2_k<7>(a); return true;
+    default: return false;
+  }
+}
+
+// --- small projections straight into B8 rows ---
+
+// dst[cb][p][8] = f(sum_k x(p, k) * wt[k * wts + cb*8 + j]) for PX pixels from p0 and NB
+// channel blocks from cb0; x(p, k) = x[k * ldx + p] (XCM) or x[p * ldx + k].
+template <int PX, int NB, bool XCM>
+BSCONV_AVX2 inline void proj_tile_avx2(const float* x, int64_t ldx, int64_t K, const float* wt,
+                                       int64_t wts, float* dst, int64_t dcbs, int64_t p0,
+                                       int64_t cb0, bool mid, const float* scale,
+                                       const float* shift, int act) {
+  __m256 acc[PX * NB];  // one-dimensional: GCC keeps it in registers (a 2-D array it spills)
+  for (int i = 0; i < PX * NB; ++i) acc[i] = _mm256_setzero_ps();
+  const float* wk = wt + cb0 * kLanes;
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 w[NB];
+    for (int nb = 0; nb < NB; ++nb) w[nb] = _mm256_loadu_ps(wk + k * wts + nb * kLanes);
+    for (int px = 0; px < PX; ++px) {
+      const __m256 xb =
+          _mm256_broadcast_ss(XCM ? x + k * ldx + p0 + px : x + (p0 + px) * ldx + k);
+      for (int nb = 0; nb < NB; ++nb) {
+        acc[px * NB + nb] = _mm256_fmadd_ps(xb, w[nb], acc[px * NB + nb]);
+      }
+    }
+  }
+  // Plain stores first (a loop over the accumulators that GCC unrolls, so they stay in
+  // registers), then the mid transform in place.
+#pragma GCC unroll 16
+  for (int nb = 0; nb < NB; ++nb) {
+#pragma GCC unroll 16
+    for (int px = 0; px < PX; ++px) {
+      _mm256_store_ps(dst + (cb0 + nb) * dcbs + (p0 + px) * kLanes, acc[px * NB + nb]);
+    }
+  }
+  if (!mid) return;
+  for (int nb = 0; nb < NB; ++nb) {
+    const int64_t n0 = (cb0 + nb) * kLanes;
+    float* d = dst + (cb0 + nb) * dcbs + p0 * kLanes;
+    const __m256 sc = _mm256_loadu_ps(scale + n0), sh = _mm256_loadu_ps(shift + n0);
+    for (int px = 0; px < PX; ++px) {
+      const __m256 v = _mm256_load_ps(d + px * kLanes);
+      _mm256_store_ps(d + px * kLanes, avx2_activate(_mm256_fmadd_ps(v, sc, sh), act));
+    }
+  }
+}
+
+template <int NB, bool XCM>
+BSCONV_AVX2 inline void proj_row_nb_avx2(const float* x, int64_t ldx, int64_t K, const float* wt,
+                                         int64_t wts, float* dst, int64_t dcbs, int64_t P,
+                                         int64_t cb0, bool mid, const float* scale,
+                                         const float* shift, int act) {
+  int64_t p = 0;
+  for (; p + 6 <= P; p += 6) {
+    proj_tile_avx2<6, NB, XCM>(x, ldx, K, wt, wts, dst, dcbs, p, cb0, mid, scale, shift, act);
+  }
+  switch (P - p) {
+#define BSCONV_PT(n) \
+  case n: return proj_tile_avx2<n, NB, XCM>(x, ldx, K, wt, wts, dst, dcbs, p, cb0, mid, scale, shift, act);
+    BSCONV_PT(1)
+    BSCONV_PT(2)
+    BSCONV_PT(3)
+    BSCONV_PT(4)
+    BSCONV_PT(5)
+#undef BSCONV_PT
+    default:
+      return;
+  }
+}
+
+// P pixels (x(p, k) as above), `lanes` channels (a multiple of 8) into a B8 row.
+template <bool XCM>
+BSCONV_AVX2 inline void proj_b8_avx2(const float* x, int64_t ldx, int64_t P, int64_t K,
+                                     const float* wt, int64_t wts, int64_t lanes, float* dst,
+                                     int64_t dcbs, bool mid, const float* scale,
+                                     const float* shift, int act) {
+  const int64_t ncb = lanes / kLanes;
+  int64_t cb = 0;
+  for (; cb + 2 <= ncb; cb += 2) {
+    proj_row_nb_avx2<2, XCM>(x, ldx, K, wt, wts, dst, dcbs, P, cb, mid, scale, shift, act);
+  }
+  if (cb < ncb) {
+    proj_row_nb_avx2<1, XCM>(x, ldx, K, wt, wts, dst, dcbs, P, cb, mid, scale, shift, act);
+  }
+}
+
+// --- layout changes ---
+
+BSCONV_AVX2 inline void cl_to_b8_avx2(const float* src, int64_t sps, int64_t pixels,
+                                      int64_t valid, float* dst, int64_t dcbs, bool mid,
+                                      const float* scale, const float* shift, int act) {
+  const int64_t full = valid / kLanes * kLanes;
+  for (int64_t cb = 0; cb * kLanes < full; ++cb) {
+    const int64_t n0 = cb * kLanes;
+    float* d = dst + cb * dcbs;
+    const float* s = src + n0;
+    if (mid) {
+      const __m256 sc = _mm256_loadu_ps(scale + n0), sh = _mm256_loadu_ps(shift + n0);
+      for (int64_t p = 0; p < pixels; ++p) {
+        const __m256 z = _mm256_fmadd_ps(_mm256_loadu_ps(s + p * sps), sc, sh);
+        _mm256_storeu_ps(d + p * kLanes, avx2_activate(z, act));
+      }
+    } else {
+      for (int64_t p = 0; p < pixels; ++p) {
+        _mm256_storeu_ps(d + p * kLanes, _mm256_loadu_ps(s + p * sps));
+      }
+    }
+  }
+  if (full < valid) {
+    // The partial last block (the source may end right after its last channel).
+    for (int64_t p = 0; p < pixels; ++p) {
+      for (int64_t n = full; n < valid; ++n) {
+        const float v = src[p * sps + n];
+        dst[b8(p, n, dcbs)] = mid ? activate(std::fma(v, scale[n], shift[n]), act) : v;
+      }
+    }
+  }
+}
+
+BSCONV_AVX2 inline void gv_to_cl_avx2(const float* gvb, int64_t gcbs, const float* v,
+                                      float* gvc, int64_t ps, int64_t pixels, int64_t lanes,
+                                      bool mid, const float* scale, const float* shift, int act,
+                                      double* gscale, double* gshift) {
+  for (int64_t cb = 0; cb * kLanes < lanes; ++cb) {
+    const int64_t n0 = cb * kLanes;
+    const float* g = gvb + cb * gcbs;
+    if (!mid) {
+      for (int64_t p = 0; p < pixels; ++p) {
+        _mm256_storeu_ps(gvc + p * ps + n0, _mm256_loadu_ps(g + p * kLanes));
+      }
+      continue;
+    }
+    const __m256 s = _mm256_loadu_ps(scale + n0), t = _mm256_loadu_ps(shift + n0);
+    __m256d sl = _mm256_setzero_pd(), sh = _mm256_setzero_pd();
+    __m256d tl = _mm256_setzero_pd(), th = _mm256_setzero_pd();
+    for (int64_t p = 0; p < pixels; ++p) {
+      const __m256 vv = _mm256_loadu_ps(v + p * ps + n0);
+      const __m256 gz = _mm256_mul_ps(_mm256_loadu_ps(g + p * kLanes),
+                                      avx2_activate_grad(_mm256_fmadd_ps(vv, s, t), act));
+      const __m256 gzv = _mm256_mul_ps(gz, vv);
+      sl = _mm256_add_pd(sl, _mm256_cvtps_pd(_mm256_castps256_ps128(gzv)));
+      sh = _mm256_add_pd(sh, _mm256_cvtps_pd(_mm256_extractf128_ps(gzv, 1)));
+      tl = _mm256_add_pd(tl, _mm256_cvtps_pd(_mm256_castps256_ps128(gz)));
+      th = _mm256_add_pd(th, _mm256_cvtps_pd(_mm256_extractf128_ps(gz, 1)));
+      _mm256_storeu_ps(gvc + p * ps + n0, _mm256_mul_ps(gz, s));
+    }
+    _mm256_storeu_pd(gscale + n0, _mm256_add_pd(_mm256_loadu_pd(gscale + n0), sl));
+    _mm256_storeu_pd(gscale + n0 + 4, _mm256_add_pd(_mm256_loadu_pd(gscale + n0 + 4), sh));
+    _mm256_storeu_pd(gshift + n0, _mm256_add_pd(_mm256_loadu_pd(gshift + n0), tl));
+    _mm256_storeu_pd(gshift + n0 + 4, _mm256_add_pd(_mm256_loadu_pd(gshift + n0 + 4), th));
+  }
+}
+
+// Rows [0, count) of 8 rows from src (stride sld), len <= 8 floats each (the rest zero).
+BSCONV_AVX2 inline void load_rows8_avx2(const float* src, int64_t sld, int64_t count,
+                                        int64_t len, __m256* r) {
+  if (len == 8) {
+    for (int64_t i = 0; i < 8; ++i) {
+      r[i] = i < count ? _mm256_loadu_ps(src + i * sld) : _mm256_setzero_ps();
+    }
+    return;
+  }
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(len)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int64_t i = 0; i < 8; ++i) {
+    r[i] = i < count ? _mm256_maskload_ps(src + i * sld, mask) : _mm256_setzero_ps();
+  }
+}
+
+
+BSCONV_AVX2 inline void cm_to_b8_avx2(const float* src, int64_t sld, int64_t pixels,
+                                      int64_t valid, float* dst, int64_t dcbs, bool mid,
+                                      const float* scale, const float* shift, int act) {
+  for (int64_t cb = 0; cb * kLanes < valid; ++cb) {
+    const int64_t n0 = cb * kLanes, rows = std::min(kLanes, valid - n0);
+    const float* s = src + n0 * sld;
+    float* d = dst + cb * dcbs;
+    __m256 sc = _mm256_setzero_ps(), sh = _mm256_setzero_ps();
+    if (mid) {
+      sc = _mm256_loadu_ps(scale + n0);
+      sh = _mm256_loadu_ps(shift + n0);
+    }
+    for (int64_t p = 0; p < pixels; p += 8) {
+      const int64_t len = std::min<int64_t>(8, pixels - p);
+      __m256 r[8];
+      load_rows8_avx2(s + p, sld, rows, len, r);
+      transpose8_regs_avx2(r);
+      for (int64_t u = 0; u < len; ++u) {
+        _mm256_storeu_ps(d + (p + u) * kLanes,
+                         mid ? avx2_activate(_mm256_fmadd_ps(r[u], sc, sh), act) : r[u]);
+      }
+    }
+  }
+}
+
+BSCONV_AVX2 inline void b8_to_cm_avx2(const float* src, int64_t scbs, int64_t pixels,
+                                      int64_t rows_total, float* dst, int64_t dld) {
+  for (int64_t cb = 0; cb * kLanes < rows_total; ++cb) {
+    const int64_t n0 = cb * kLanes, rows = std::min(kLanes, rows_total - n0);
+    const float* s = src + cb * scbs;
+    float* d = dst + n0 * dld;
+    for (int64_t p = 0; p < pixels; p += 8) {
+      const int64_t len = std::min<int64_t>(8, pixels - p);
+      __m256 r[8];
+      for (int64_t u = 0; u < 8; ++u) {
+        r[u] = u < len ? _mm256_loadu_ps(s + (p + u) * kLanes) : _mm256_setzero_ps();
+      }
+      transpose8_regs_avx2(r);
+      if (len == 8) {
+        for (int64_t i = 0; i < rows; ++i) _mm256_storeu_ps(d + i * dld + p, r[i]);
+      } else {
+        for (int64_t i = 0; i < rows; ++i) store_partial_avx2(d + i * dld + p, r[i], len);
+      }
+    }
+  }
+}
+
+#endif  // BSCONV_X86_AVX2
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch: the generic template for every type, the AVX2 loop for float when enabled.
+
+// True when proj_b8 runs (float, AVX2, small K); otherwise the caller uses the GEMM path.
+constexpr int64_t kSmallProjK = 64;
+template <typename T>
+bool proj_b8(const T* x, int64_t ldx, bool xcm, int64_t P, int64_t K, const T* wt, int64_t wts,
+             int64_t lanes, T* dst, int64_t dcbs, bool mid, const T* scale, const T* shift,
+             int act) {
+#if BSCONV_X86_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    // Channel-major x only: with channels-last x MKL's GEMM plus a copy is faster.
+    if (avx2_enabled() && K <= kSmallProjK && xcm) {
+      proj_b8_avx2<true>(x, ldx, P, K, wt, wts, lanes, dst, dcbs, mid, scale, shift, act);
+      return true;
+    }
+  }
+#endif
+  (void)x, (void)ldx, (void)xcm, (void)P, (void)K, (void)wt, (void)wts, (void)lanes, (void)dst;
+  (void)dcbs, (void)mid, (void)scale, (void)shift, (void)act;
+  return false;
+}
+
+template <typename T>
+void depthwise_rows(const DwArgs<T>& a) {
+#if BSCONV_X86_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2_enabled() && a.Kh <= kMaxK) return dw_avx2(a);
+  }
+#endif
+  dw_generic(a);
+}
+
+template <typename T>
+void transposed_depthwise_row(const GvArgs<T>& a) {
+#if BSCONV_X86_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2_enabled() && a.nk <= kMaxK) return gv_avx2(a);
+  }
+#endif
+  gv_generic(a);
+}
+
+template <typename T>
+void blueprint_grad_row(const GbArgs<T>& a) {
+#if BSCONV_X86_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2_enabled() && gb_avx2(a)) return;
+  }
+#endif
+  gb_generic(a);
+}
+
+template <typename S, typename T>
+void cl_to_b8(const S* src, int64_t sps, int64_t pixels, int64_t valid, T* dst, int64_t dcbs,
+              bool mid, const T* scale, const T* shift, int act) {
+#if BSCONV_X86_AVX2
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float>) {
+    if (avx2_enabled()) {
+      return cl_to_b8_avx2(src, sps, pixels, valid, dst, dcbs, mid, scale, shift, act);
+    }
+  }
+#endif
+  cl_to_b8_generic(src, sps, pixels, valid, dst, dcbs, mid, scale, shift, act);
+}
+
+template <typename T>
+void gv_to_cl(const T* gvb, int64_t gcbs, const T* v, T* gvc, int64_t ps, int64_t pixels,
+              int64_t lanes, bool mid, const T* scale, const T* shift, int act, double* gscale,
+              double* gshift) {
+#if BSCONV_X86_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2_enabled()) {
+      return gv_to_cl_avx2(gvb, gcbs, v, gvc, ps, pixels, lanes, mid, scale, shift, act,
+                           gscale, gshift);
+    }
+  }
+#endif
+  gv_to_cl_generic(gvb, gcbs, v, gvc, ps, pixels, lanes, mid, scale, shift, act, gscale,
+                   gshift);
+}
+
+template <typename S, typename T>
+void cm_to_b8(const S* src, int64_t sld, int64_t pixels, int64_t valid, T* dst, int64_t dcbs,
+              bool mid, const T* scale, const T* shift, int act) {
+#if BSCONV_X86_AVX2
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float>) {
+    if (avx2_enabled()) {
+      return cm_to_b8_avx2(src, sld, pixels, valid, dst, dcbs, mid, scale, shift, act);
+    }
+  }
+#endif
+  cm_to_b8_generic(src, sld, pixels, valid, dst, dcbs, mid, scale, shift, act);
+}
+
+template <typename S, typename D>
+void b8_to_cm(const S* src, int64_t scbs, int64_t pixels, int64_t rows, D* dst, int64_t dld) {
+#if BSCONV_X86_AVX2
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<D, float>) {
+    if (avx2_enabled()) return b8_to_cm_avx2(src, scbs, pixels, rows, dst, dld);
+  }
+#endif
+  b8_to_cm_generic(src, scbs, pixels, rows, dst, dld);
+}
+
+}  // namespace bsconv::cpu
