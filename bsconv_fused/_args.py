@@ -30,6 +30,12 @@ class ConvOptions:
     padding_mode: str
     activation: str
 
+    def __post_init__(self) -> None:
+        # The trailing arguments of the ``bsconv_fused`` ops (stride ... activation), built once.
+        object.__setattr__(self, "op_args", (
+            list(self.stride), list(self.padding), list(self.dilation),
+            self.padding_mode_code, self.activation_code))
+
     @property
     def padding_mode_code(self) -> int:
         return PADDING_MODES.index(self.padding_mode)
@@ -199,3 +205,55 @@ def normalize(
             f"larger than the padded input {(h + pt + pb, w + pl + pr)}"
         )
     return ConvOptions(st, pad, dil, padding_mode, act)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation results by call signature. A layer is called with the same shapes and options over
+# and over; re-checking every argument in Python costs tens of microseconds per call, which is
+# more than the fused kernel itself on small layers. A signature that passed :func:`normalize`
+# once maps to its options; anything else (a new signature, an argument that is not a tensor or
+# not a plain int / pair / string) goes through :func:`normalize`, which raises the errors.
+
+_NOT_CACHEABLE = object()
+_options_cache: dict = {}
+_OPTIONS_CACHE_MAX = 4096
+
+
+def _tensor_key(t: object) -> object:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        return _NOT_CACHEABLE
+    return (t.shape, t.dtype, t.device)
+
+
+def _option_key(v: object) -> object:
+    tv = type(v)
+    if tv is int or tv is str or v is None:
+        return (tv, v)
+    if (tv is tuple or tv is list) and all(type(e) is int for e in v):
+        return (tuple, tuple(v))
+    return _NOT_CACHEABLE
+
+
+def normalize_cached(*args: object) -> ConvOptions:
+    """:func:`normalize` (same arguments, same result, same errors), remembered per call
+    signature."""
+    if torch.compiler.is_compiling():  # traced once per graph anyway; keep dynamo out of the dict
+        return normalize(*args)
+    (fn, x, pw_weights, dw_weight, dw_bias, stride, padding, dilation, padding_mode, mid_scale,
+     mid_shift, mid_activation) = args
+    key = (fn, _tensor_key(x), tuple(_tensor_key(w) for _, w in pw_weights),
+           _tensor_key(dw_weight), _tensor_key(dw_bias), _tensor_key(mid_scale),
+           _tensor_key(mid_shift), _option_key(stride), _option_key(padding),
+           _option_key(dilation), _option_key(padding_mode), _option_key(mid_activation))
+    opts = _options_cache.get(key)
+    if opts is not None:
+        return opts
+    opts = normalize(*args)
+    cacheable = _NOT_CACHEABLE not in key[1:2] + key[2] + key[3:]
+    if cacheable:
+        if len(_options_cache) >= _OPTIONS_CACHE_MAX:
+            _options_cache.clear()
+        _options_cache[key] = opts
+    return opts

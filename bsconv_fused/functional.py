@@ -7,7 +7,7 @@ from typing import List, Optional
 import torch
 
 from . import reference
-from ._args import IntOrPair, Padding, normalize
+from ._args import IntOrPair, Padding, normalize_cached
 from ._extension import autocast_dtype, fused_available_for
 
 
@@ -44,8 +44,9 @@ def bsconv_u(
     """
     x, pw_weight, dw_weight, dw_bias, mid_scale, mid_shift = _autocast(
         x, pw_weight, dw_weight, dw_bias, mid_scale, mid_shift)
-    opts = normalize("bsconv_u", x, [("pw_weight", pw_weight)], dw_weight, dw_bias, stride,
-                     padding, dilation, padding_mode, mid_scale, mid_shift, mid_activation)
+    opts = normalize_cached("bsconv_u", x, [("pw_weight", pw_weight)], dw_weight, dw_bias,
+                            stride, padding, dilation, padding_mode, mid_scale, mid_shift,
+                            mid_activation)
     if fused_available_for(x.device):
         from . import ops
         return ops.forward(x, pw_weight, None, dw_weight, dw_bias, mid_scale, mid_shift, opts)
@@ -72,9 +73,10 @@ def bsconv_s(
     """
     x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift = _autocast(
         x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift)
-    opts = normalize("bsconv_s", x, [("pw1_weight", pw1_weight), ("pw2_weight", pw2_weight)],
-                     dw_weight, dw_bias, stride, padding, dilation, padding_mode, mid_scale,
-                     mid_shift, mid_activation)
+    opts = normalize_cached("bsconv_s", x,
+                            [("pw1_weight", pw1_weight), ("pw2_weight", pw2_weight)],
+                            dw_weight, dw_bias, stride, padding, dilation, padding_mode,
+                            mid_scale, mid_shift, mid_activation)
     if fused_available_for(x.device):
         from . import ops
         return ops.forward(x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift,

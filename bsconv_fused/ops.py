@@ -23,10 +23,8 @@ def forward(x: torch.Tensor, pw1_weight: torch.Tensor, pw2_weight: Optional[torc
             mid_scale: Optional[torch.Tensor], mid_shift: Optional[torch.Tensor],
             opts: ConvOptions) -> torch.Tensor:
     """Calls the fused forward op with already-validated options."""
-    return torch.ops.bsconv_fused.forward(
-        x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift,
-        list(opts.stride), list(opts.padding), list(opts.dilation),
-        opts.padding_mode_code, opts.activation_code)
+    return torch.ops.bsconv_fused.forward.default(
+        x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift, *opts.op_args)
 
 
 def _output_shape(x: torch.Tensor, pw_last: torch.Tensor, dw_weight: torch.Tensor,

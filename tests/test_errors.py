@@ -117,3 +117,26 @@ def test_raw_op_checks_its_arguments():
                                            r"\[2, 6, 8, 8\], got \[2, 6, 7, 8\]"):
         torch.ops.bsconv_fused.backward(gy, x, pw, None, dw, None, None, None, [1, 1],
                                         [1, 1, 1, 1], [1, 1], 0, 0, [True] * 7)
+
+
+def test_remembered_signatures_still_reject_bad_input():
+    """The fused path remembers argument signatures that passed validation; a call that differs
+    only in what the signature must capture (a bool for an int, a list of floats, a new size
+    that makes the padding too wide) is still checked and rejected."""
+    x, pw, dw = args()
+    functional.bsconv_u(x, pw, dw, stride=1, padding=1)  # valid: remembered
+    with pytest.raises(TypeError, match=r"stride must be an int or a pair of ints"):
+        functional.bsconv_u(x, pw, dw, stride=True, padding=1)
+    with pytest.raises(TypeError, match=r"padding must be an int or a pair of ints"):
+        functional.bsconv_u(x, pw, dw, stride=1, padding=[1.0, 1.0])
+    functional.bsconv_u(x, pw, dw, padding=2, padding_mode="reflect")
+    with pytest.raises(ValueError, match=r"reflect padding \(top=2\) must be smaller than"):
+        functional.bsconv_u(x[:, :, :2], pw, dw, padding=2, padding_mode="reflect")
+    with pytest.raises(TypeError, match=r"pw_weight must have the dtype of x"):
+        functional.bsconv_u(x, pw.double(), dw, stride=1, padding=1)
+    with pytest.raises(TypeError, match=r"x must be a Tensor"):
+        functional.bsconv_u(x.numpy(), pw, dw, stride=1, padding=1)
+    # and the remembered signature still gives the same result as a fresh validation
+    y1 = functional.bsconv_u(x, pw, dw, stride=1, padding=1)
+    y2 = reference.bsconv_u(x, pw, dw, stride=1, padding=1)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
