@@ -113,7 +113,7 @@ void forward_b8(const Geometry& g, const Image<src_t>& src, const Weights<acc_t>
   const bool S = g.subspace();
   const acc_t* wp = S ? w.w2 : w.w1;
   const ForwardPlan plan =
-      forward_plan(g, sizeof(acc_t), std::max<int64_t>(2, 2 * at::get_num_threads()));
+      forward_plan(g, sizeof(acc_t), forward_min_tasks(g, at::get_num_threads()));
   const PaddedCols cols(g);
   const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, N = g.N, HoWo = Ho * Wo;
   const int64_t C = S ? g.Mmid : g.M;  // input channels of the projection into v

@@ -221,6 +221,14 @@ struct ForwardPlan {
 
 constexpr int64_t kForwardVBudget = 384 * 1024;  // bytes of v rows per block
 
+// Tasks wanted for load balance: none extra on one thread; else two per thread (tasks are
+// claimed dynamically, so a thread slowed by other load takes fewer), but only one per thread
+// for BSConv-S, whose extra tasks are bands that recompute their shared rows.
+inline int64_t forward_min_tasks(const Geometry& g, int64_t threads) {
+  if (threads <= 1) return 1;
+  return g.subspace() ? threads : 2 * threads;
+}
+
 // min_tasks: tasks wanted for load balance (the forward's results do not depend on the tiling
 // beyond rounding, and nothing requires them to be independent of the thread count).
 inline ForwardPlan forward_plan(const Geometry& g, int64_t acc_size, int64_t min_tasks) {
@@ -289,8 +297,9 @@ inline BackwardPlan backward_plan(const Geometry& g, int64_t bytes_per_pixel,
     groups_of_images = ceil_div(g.B, std::clamp<int64_t>(max_px / HW, 1, g.B));
   }
   count();
-  // Parallelism for small batches, while the GEMMs keep enough pixels: four tasks if they keep
-  // 64 pixels each, two if they keep 16.
+  // Parallelism for small batches, up to four tasks while each keeps 64 pixels: below that the
+  // weight-gradient partials (a weight-sized buffer per group, summed at the end) and the
+  // short GEMMs cost more than a second thread gains, and on one thread they are pure loss.
   auto split = [&](int64_t want, int64_t min_px) {
     while (p.tasks < want) {
       if (p.nb > 1) {
@@ -304,7 +313,6 @@ inline BackwardPlan backward_plan(const Geometry& g, int64_t bytes_per_pixel,
     }
   };
   split(4, 64);
-  split(2, 16);
   p.groups = std::min<int64_t>(
       p.tasks, std::clamp<int64_t>(kPartialBudget / std::max<int64_t>(partial_bytes, 1), 2, 16));
   return p;
