@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <string>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -808,4 +809,12 @@ TORCH_LIBRARY_IMPL(bsconv_fused, CPU, m) {
   m.impl("backward", &backward_cpu);
 }
 
+}  // namespace bsconv::cpu
+
+namespace bsconv::cpu {
+// Which inner loops the CPU kernels run on this machine: "avx2" (AVX2 + FMA float loops) or
+// "generic" (no AVX2, or BSCONV_CPU_GENERIC=1 set before the first call, as the tests do).
+TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
+  m.def("cpu_isa() -> str", [] { return std::string(avx2_enabled() ? "avx2" : "generic"); });
+}
 }  // namespace bsconv::cpu
