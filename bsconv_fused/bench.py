@@ -667,6 +667,14 @@ class Row:
         return self.speedup(self.ms("ref_nchw"))
 
     @property
+    def speedup_layouts(self) -> float | None:
+        """Best eager baseline / the faster of the fused op's two layouts (``fused`` with NCHW,
+        ``fused_cl`` with channels_last input): each side in its better memory format."""
+        fused = [t for t in (self.ms("fused"), self.ms("fused_cl")) if t]
+        best = self.best_eager()
+        return best / min(fused) if best and fused else None
+
+    @property
     def speedup_best_tf32(self) -> float | None:
         return self.speedup(self.best_eager("+tf32"))
 
@@ -815,6 +823,7 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
             "cases": len(rs),
             "geomean_speedup_vs_best_eager": geomean([r.speedup_best for r in rs]),
             "geomean_speedup_vs_nchw": geomean([r.speedup_nchw for r in rs]),
+            "geomean_speedup_best_layouts": geomean([r.speedup_layouts for r in rs]),
             "geomean_roofline_fraction": geomean([r.achieved()["roofline_fraction"]
                                                   for r in rs]),
         }
@@ -938,7 +947,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(
             f"{key:<12} ({s['cases']} cases): fused vs best eager "
             f"{_fmt(s['geomean_speedup_vs_best_eager'], '.2f', 'x')}, vs NCHW "
-            f"{_fmt(s['geomean_speedup_vs_nchw'], '.2f', 'x')}{extra}, roofline "
+            f"{_fmt(s['geomean_speedup_vs_nchw'], '.2f', 'x')}{extra}; best layout vs best "
+            f"layout {_fmt(s.get('geomean_speedup_best_layouts'), '.2f', 'x')}; roofline "
             f"{_fmt(None if roof is None else 100 * roof, '.1f', '%')}")
     return lines
 
@@ -991,7 +1001,8 @@ def render_markdown(rows: list[Row], summary: dict[str, Any], peaks: Peaks,
         "`x best` = best eager baseline (faster of `ref_nchw`, `ref_cl`) / fused; `x nchw` = "
         "`ref_nchw` / fused; `iqr%` = interquartile range of the fused op's times / their "
         "median; `roof%` = roofline bound / fused time; `err fused` = max abs error of the "
-        "fused output over max abs value of a float64 reference.\n"
+        "fused output over max abs value of a float64 reference. The geometric means also give "
+        "`best layout vs best layout`: best eager / the faster of `fused`, `fused_cl`.\n"
     )
     parts = [head]
     for mode in MODES:

@@ -59,6 +59,10 @@ def test_json_fields_are_sane(both_modes: tuple[int, Path, dict[str, Any]]) -> N
     assert doc["machine"]["cores"] >= 1 and doc["machine"]["torch"] == torch.__version__
     assert positive(doc["peaks"]["flops"]) and positive(doc["peaks"]["bytes_per_s"])
     assert doc["summary"]["failures"] == []
+    for key in ("fwd", "fwdbwd"):
+        g = doc["summary"][key]
+        # the faster fused layout can only raise the fused side's speed
+        assert g["geomean_speedup_best_layouts"] >= g["geomean_speedup_vs_best_eager"] > 0
     results = doc["results"]
     assert {(r["layer"], r["mode"]) for r in results} == {
         (name, mode) for name in TINY for mode in ("fwd", "fwdbwd")}
