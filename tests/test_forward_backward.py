@@ -204,3 +204,36 @@ def test_nan_propagates(variant, act):
     y = p.fused()
     r = p.reference()
     assert torch.equal(torch.isnan(y), torch.isnan(r))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["u", "s"])
+def test_strided_weights(variant, dtype):
+    """Weights that are views with other strides (a transposed 1x1 weight, sliced taps, strided
+    vectors) are read by value, like nn.Conv2d reads them; their gradients come back dense."""
+    p = make_problem(variant, B=2, M=12, N=16, mid=5, H=9, W=11, padding=1,
+                     mid_activation="relu6", mid_affine=True).cast(torch.float64)
+
+    def strided(t):
+        if t.dim() == 4 and t.shape[2:] == (1, 1):  # [O, I, 1, 1] as the transpose of [I, O]
+            return t.detach()[:, :, 0, 0].t().contiguous().t()[:, :, None, None]
+        # the same values, every other element of a buffer twice the size
+        return torch.stack([t.detach(), t.detach()], dim=-1)[..., 0]
+
+    views = p.cast(dtype)
+    views.pws = [strided(w).requires_grad_() for w in views.pws]
+    views.dw_weight = strided(views.dw_weight).requires_grad_()
+    for name in ("dw_bias", "mid_scale", "mid_shift"):
+        setattr(views, name, strided(getattr(views, name)).requires_grad_())
+    assert not any(t.is_contiguous() for t in views.inputs()[1:])
+    dense = views.cast(dtype)
+    for name in ("dw_bias", "mid_scale", "mid_shift"):
+        setattr(dense, name, getattr(dense, name).detach().contiguous().requires_grad_())
+    assert all(t.is_contiguous() for t in dense.inputs()[1:])
+    y, y_dense = views.fused(), dense.fused()
+    assert torch.equal(y, y_dense)
+    gy = torch.randn_like(y)
+    for a, b in zip(grads(y, views.inputs(), gy), grads(y_dense, dense.inputs(), gy)):
+        assert torch.equal(a, b)
+    if dtype == torch.float64:  # and both match the reference
+        assert max_err(y, p.reference()) <= F64_TOL * p.reference().abs().max().item()
