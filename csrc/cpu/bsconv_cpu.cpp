@@ -108,9 +108,11 @@ struct PaddedCols {
 // of the current block) and those with w2. The GEMM writes v rows channels-last,
 // they move to B8 slots (with the mid transform), the depthwise writes CL rows or B8 rows that
 // are transposed into NCHW y rows.
-template <typename src_t, typename scalar_t, typename acc_t>
-void forward_b8(const Geometry& g, const Image<src_t>& src, const Weights<acc_t>& w, scalar_t* y,
-                bool y_cl) {
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const Geometry& g, const scalar_t* x, bool y_cl, const Weights<acc_t>& w,
+                    scalar_t* y) {
+  // x and y have the same memory format: channels-last when y_cl, else NCHW.
+  const Image<scalar_t> src{x, g.M, !y_cl, g.M * g.H * g.W, g.H * g.W};
   const bool S = g.subspace();
   const acc_t* wp = S ? w.w2 : w.w1;
   const ForwardPlan plan =
@@ -119,7 +121,6 @@ void forward_b8(const Geometry& g, const Image<src_t>& src, const Weights<acc_t>
   const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, N = g.N, HoWo = Ho * Wo;
   const int64_t C = S ? g.Mmid : g.M;  // input channels of the projection into v
   const int64_t ncp_max = round_up(plan.nc, kLanes), S_ = plan.slots, Wp = cols.Wp_alloc;
-  constexpr bool same_src = std::is_same_v<src_t, acc_t>;
   constexpr bool same_out = std::is_same_v<scalar_t, acc_t>;
   const int64_t cbs = S_ * Wp * kLanes;  // channel-block stride of the v slots (B8)
 
@@ -127,7 +128,7 @@ void forward_b8(const Geometry& g, const Image<src_t>& src, const Weights<acc_t>
     Scratch<acc_t> Vt(kSlotFwdVt, S_ * W * ncp_max, false), V(kSlotFwdV, S_ * Wp * ncp_max);
     Scratch<acc_t> zero_row(kSlotFwdZero, Wp * kLanes);
     Scratch<acc_t> obuf(kSlotFwdOut, plan.ob * Wo * ncp_max, false);
-    Scratch<acc_t> Xs(kSlotFwdX, same_src ? 0 : S_ * W * g.M, false);
+    Scratch<acc_t> Xs(kSlotFwdX, std::is_same_v<scalar_t, acc_t> ? 0 : S_ * W * g.M, false);
     Scratch<acc_t> Us(kSlotFwdU, S ? S_ * W * C : 0, false);
     RowRing ring(S_, H);
     std::vector<int64_t> rcbs(plan.ob * g.Kh);
@@ -212,13 +213,6 @@ void forward_b8(const Geometry& g, const Image<src_t>& src, const Weights<acc_t>
   });
 }
 
-template <typename scalar_t, typename acc_t>
-void forward_kernel(const Geometry& g, const scalar_t* x, bool cl, const Weights<acc_t>& w,
-                    scalar_t* y) {
-  const int64_t HW = g.H * g.W;
-  const Image<scalar_t> xi{x, g.M, !cl, g.M * HW, HW};
-  forward_b8<scalar_t, scalar_t, acc_t>(g, xi, w, y, cl);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Backward.

@@ -43,8 +43,7 @@ namespace bsconv::cpu {
 // aligned; zero-filled when asked. Buffers that are live at the same time on one thread must
 // use different slots (the slot ids below).
 enum ScratchSlot : int {
-  kSlotProjX = 0,
-  kSlotFwdVt, kSlotFwdV, kSlotFwdZero, kSlotFwdOut, kSlotFwdX, kSlotFwdU,
+  kSlotFwdVt = 0, kSlotFwdV, kSlotFwdZero, kSlotFwdOut, kSlotFwdX, kSlotFwdU,
   kSlotBwdU, kSlotBwdPartials, kSlotBwdV, kSlotBwdA, kSlotBwdGvb, kSlotBwdGc, kSlotBwdGu,
   kSlotBwdGy, kSlotBwdX, kSlotBwdGx, kSlotBwdGb, kSlotBwdDsc, kSlotBwdDsh,
   kNumSlots
