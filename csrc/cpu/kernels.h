@@ -175,34 +175,37 @@ Operand<T> image_operand(const Image<S>& img, int64_t H, int64_t W, int64_t b0, 
   return {scratch, P, true};
 }
 
-// The three GEMM shapes of the projections, on per-pixel matrices of either layout (MKL runs
-// narrow outputs - few channels - much faster with the pixels in the leading dimension, so u
-// and its gradient are kept channel-major, v and gv channels-last for the B8 copies).
-// Y[P][N] = X[P][K] W^T  (W: [N][K] row-major)
+// The GEMMs of the projections, on per-pixel matrices of either layout (MKL runs narrow
+// outputs - few channels - much faster with the pixels in the leading dimension, so u and its
+// gradient are kept channel-major, v and gv channels-last for the B8 copies).
+// Z[P][C] = A[P][R] op(W), W row-major; op(W) = W^T (W: [C][R], `w_t`) or W (W: [R][C]).
+template <typename T>
+void pixel_gemm(const Operand<T>& A, int64_t P, int64_t C, int64_t R, const T* W, bool w_t,
+                T* Z, int64_t ldz, bool z_cm) {
+  const int64_t ldw = w_t ? R : C;
+  if (z_cm) {
+    gemm(!w_t, !A.cm, C, P, R, T(1), W, ldw, A.ptr, A.ld, T(0), Z, ldz);
+  } else {
+    gemm(A.cm, w_t, P, C, R, T(1), A.ptr, A.ld, W, ldw, T(0), Z, ldz);
+  }
+}
+// Projection: Y[P][N] = X[P][K] W^T (W: [N][K]).
 template <typename T>
 void proj_gemm(const Operand<T>& X, int64_t P, int64_t N, int64_t K, const T* W, T* Y,
                int64_t ldy, bool y_cm) {
-  if (y_cm) {
-    gemm(false, !X.cm, N, P, K, T(1), W, K, X.ptr, X.ld, T(0), Y, ldy);
-  } else {
-    gemm(X.cm, true, P, N, K, T(1), X.ptr, X.ld, W, K, T(0), Y, ldy);
-  }
+  pixel_gemm(X, P, N, K, W, true, Y, ldy, y_cm);
 }
-// G[N][K] = beta G + Y^T X  (Y: [P][N], X: [P][K]; G row-major)
+// Its input gradient: Z[P][K] = Y[P][N] W (W: [N][K]).
+template <typename T>
+void igrad_gemm(const Operand<T>& Y, int64_t P, int64_t N, int64_t K, const T* W, T* Z,
+                int64_t ldz, bool z_cm) {
+  pixel_gemm(Y, P, K, N, W, false, Z, ldz, z_cm);
+}
+// Its weight gradient: G[N][K] = beta G + Y^T X (Y: [P][N], X: [P][K]; G row-major).
 template <typename T>
 void wgrad_gemm(int64_t P, int64_t N, int64_t K, const Operand<T>& Y, const Operand<T>& X,
                 T beta, T* G) {
   gemm(!Y.cm, X.cm, N, K, P, T(1), Y.ptr, Y.ld, X.ptr, X.ld, beta, G, K);
-}
-// Z[P][K] = Y[P][N] W  (W: [N][K] row-major)
-template <typename T>
-void igrad_gemm(const Operand<T>& Y, int64_t P, int64_t N, int64_t K, const T* W, T* Z,
-                int64_t ldz, bool z_cm) {
-  if (z_cm) {
-    gemm(true, !Y.cm, K, P, N, T(1), W, K, Y.ptr, Y.ld, T(0), Z, ldz);
-  } else {
-    gemm(Y.cm, false, P, K, N, T(1), Y.ptr, Y.ld, W, K, T(0), Z, ldz);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
