@@ -79,11 +79,10 @@ def fused_available_for(device: torch.device) -> bool:
         _warn_once("ext", f"bsconv_fused: the compiled extension is not available ({_error}); "
                           "using the pure-PyTorch reference path")
         return False
-    key = device.type.upper() if device.type != "cuda" else "CUDA"
-    if device.type == "cpu":
+    kind = device.type
+    if kind == "cpu" or kind == "meta":
         return True
-    if device.type == "meta":
-        return True
+    key = kind.upper() if kind != "cuda" else "CUDA"
     if torch._C._dispatch_has_kernel_for_dispatch_key("bsconv_fused::forward", key):
         return True
     _warn_once(device.type, f"bsconv_fused: no fused kernel for device type '{device.type}' "

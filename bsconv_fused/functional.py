@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-from . import reference
+from . import ops, reference
 from ._args import IntOrPair, Padding, normalize_cached
 from ._extension import autocast_dtype, fused_available_for
 
@@ -14,7 +14,9 @@ from ._extension import autocast_dtype, fused_available_for
 def _autocast(*tensors: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     """Casts floating-point tensors to the autocast dtype when autocast is on for their device."""
     x = tensors[0]
-    dtype = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    if not isinstance(x, torch.Tensor):
+        return list(tensors)
+    dtype = autocast_dtype(x.device)
     if dtype is None:
         return list(tensors)
     return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
@@ -48,7 +50,6 @@ def bsconv_u(
                             stride, padding, dilation, padding_mode, mid_scale, mid_shift,
                             mid_activation)
     if fused_available_for(x.device):
-        from . import ops
         return ops.forward(x, pw_weight, None, dw_weight, dw_bias, mid_scale, mid_shift, opts)
     return reference._bsconv(x, [pw_weight], dw_weight, dw_bias, opts, mid_scale, mid_shift)
 
@@ -78,7 +79,6 @@ def bsconv_s(
                             dw_weight, dw_bias, stride, padding, dilation, padding_mode,
                             mid_scale, mid_shift, mid_activation)
     if fused_available_for(x.device):
-        from . import ops
         return ops.forward(x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift,
                            opts)
     return reference._bsconv(x, [pw1_weight, pw2_weight], dw_weight, dw_bias, opts, mid_scale,

@@ -1,5 +1,7 @@
-"""The registered ops ``bsconv_fused::forward`` / ``bsconv_fused::backward``: fake kernels and
-autograd.
+"""The registered ops ``bsconv_fused::forward`` / ``bsconv_fused::backward``: fake kernels.
+
+Autograd of the forward op is registered in C++ (``csrc/autograd.cpp``): it saves the inputs and
+calls the backward op once, with no Python on the call path.
 
 One op pair covers both variants: BSConv-U passes its projection as ``pw1_weight`` and
 ``pw2_weight=None``; BSConv-S passes both. The C++ schemas live in ``csrc/bsconv.cpp``; the shape
@@ -14,8 +16,6 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from ._args import ConvOptions
-
-_NUM_GRADS = 7  # x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift
 
 
 def forward(x: torch.Tensor, pw1_weight: torch.Tensor, pw2_weight: Optional[torch.Tensor],
@@ -57,32 +57,14 @@ def _backward_fake(grad_y, x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_sc
     return tuple(out)
 
 
-def _setup_context(ctx, inputs, output):
-    (x, pw1, pw2, dw_weight, dw_bias, mid_scale, mid_shift,
-     stride, padding, dilation, padding_mode, activation) = inputs
-    ctx.save_for_backward(x, pw1, pw2, dw_weight, dw_bias, mid_scale, mid_shift)
-    ctx.conv_args = (stride, padding, dilation, padding_mode, activation)
-
-
-def _backward(ctx, grad_y):
-    saved = ctx.saved_tensors
-    mask = [bool(ctx.needs_input_grad[i]) and saved[i] is not None for i in range(_NUM_GRADS)]
-    if not any(mask):
-        return (None,) * 12
-    grads = torch.ops.bsconv_fused.backward(grad_y, *saved, *ctx.conv_args, mask)
-    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 5
-
-
 _registered = False
 
 
 def register() -> None:
-    """Registers fake kernels and autograd for the ops (once, after the extension loaded)."""
+    """Registers the fake kernels of the ops (once, after the extension loaded)."""
     global _registered
     if _registered:
         return
     torch.library.register_fake("bsconv_fused::forward")(_forward_fake)
     torch.library.register_fake("bsconv_fused::backward")(_backward_fake)
-    torch.library.register_autograd("bsconv_fused::forward", _backward,
-                                    setup_context=_setup_context)
     _registered = True
