@@ -93,6 +93,31 @@ def test_large_channels_and_image_cross_tiles():
                                stride=2, padding=2, padding_mode="reflect"))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("variant", ["u", "s"])
+def test_small_images_projected_in_groups(threads, layout, variant):
+    # Images of fewer than 196 pixels are projected several per GEMM (all channel chunks in one
+    # task); 7 images make a full and a partial group on two threads, N = 136 two chunks.
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    p = make_problem(variant, B=7, M=72, N=136, mid=20, H=5, W=6, padding=1, stride=(1, 2),
+                     padding_mode="reflect", mid_activation="relu", mid_affine=True)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        p64 = p.cast(torch.float64, fmt)
+        y64, r64 = p64.fused(), p64.reference()
+        assert max_err(y64, r64) <= F64_TOL * r64.abs().max().item()
+        p32 = p.cast(torch.float32, fmt, requires_grad=False)
+        assert_accurate("y", p32.fused(), p32.reference(), r64)
+        gy = torch.randn(r64.shape, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(2))
+        for a, b in zip(grads(y64, p64.inputs(), gy), grads(r64, p64.inputs(), gy)):
+            assert max_err(a, b) <= F64_TOL * max(1.0, b.abs().max().item())
+    finally:
+        torch.set_num_threads(prev)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", ["u", "s"])
 @pytest.mark.parametrize("act,mode", [(None, "zeros"), ("relu6", "reflect"),

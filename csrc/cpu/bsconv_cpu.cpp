@@ -115,11 +115,12 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool y_cl, const Weigh
   const Image<scalar_t> src{x, g.M, !y_cl, g.M * g.H * g.W, g.H * g.W};
   const bool S = g.subspace();
   const acc_t* wp = S ? w.w2 : w.w1;
-  const ForwardPlan plan =
-      forward_plan(g, sizeof(acc_t), forward_min_tasks(g, at::get_num_threads()));
+  const int64_t C = S ? g.Mmid : g.M;  // input channels of the projection into v
+  // proj_b8 (register tiles) takes small projections of channel-major x, MKL the others.
+  const bool gemm_proj = w.wpt == nullptr || y_cl || !small_proj_enabled<acc_t>();
+  const ForwardPlan plan = forward_plan(g, sizeof(acc_t), at::get_num_threads(), gemm_proj);
   const PaddedCols cols(g);
   const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, N = g.N, HoWo = Ho * Wo;
-  const int64_t C = S ? g.Mmid : g.M;  // input channels of the projection into v
   const int64_t ncp_max = round_up(plan.nc, kLanes), S_ = plan.slots, Wp = cols.Wp_alloc;
   constexpr bool same_out = std::is_same_v<scalar_t, acc_t>;
   const int64_t cbs = S_ * Wp * kLanes;  // channel-block stride of the v slots (B8)
@@ -128,15 +129,20 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool y_cl, const Weigh
     Scratch<acc_t> Vt(kSlotFwdVt, S_ * W * ncp_max, false), V(kSlotFwdV, S_ * Wp * ncp_max);
     Scratch<acc_t> zero_row(kSlotFwdZero, Wp * kLanes);
     Scratch<acc_t> obuf(kSlotFwdOut, plan.ob * Wo * ncp_max, false);
-    Scratch<acc_t> Xs(kSlotFwdX, std::is_same_v<scalar_t, acc_t> ? 0 : S_ * W * g.M, false);
-    Scratch<acc_t> Us(kSlotFwdU, S ? S_ * W * C : 0, false);
+    // Grouped tasks (plan.nb > 1) project whole images: x gathered unless in place, u and v
+    // for all pixels of the group.
+    const int64_t P_group = plan.nb * H * W, rows_x = plan.nb > 1 ? P_group : S_ * W;
+    const bool x_gather = !std::is_same_v<scalar_t, acc_t> || (plan.nb > 1 && !y_cl);
+    Scratch<acc_t> Xs(kSlotFwdX, x_gather ? rows_x * g.M : 0, false);
+    Scratch<acc_t> Us(kSlotFwdU, S ? rows_x * C : 0, false);
+    Scratch<acc_t> Vg(kSlotFwdVg, plan.nb > 1 ? P_group * ncp_max : 0, false);
     RowRing ring(S_, H);
     std::vector<int64_t> rcbs(plan.ob * g.Kh);
     std::vector<const acc_t*> rowp(plan.ob * g.Kh);
     std::vector<acc_t*> outs(plan.ob);
-    for (int64_t task; (task = next()) >= 0;) {
-      const int64_t chunk = task % plan.chunks, rest = task / plan.chunks;
-      const int64_t band = rest % plan.bands, b = rest / plan.bands;
+    // One image, one chunk, one band. vpre: the image's v (CL rows of ncp channels) when the
+    // group's GEMM computed it already.
+    auto run_band = [&](int64_t b, int64_t chunk, int64_t band, const acc_t* vpre) {
       const int64_t n0 = chunk * plan.nc, ncur = std::min(plan.nc, N - n0);
       const int64_t ncp = round_up(ncur, kLanes);
       const int64_t o_begin = band * plan.band, o_end = std::min(Ho, o_begin + plan.band);
@@ -145,6 +151,15 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool y_cl, const Weigh
       for (int64_t i0 = o_begin; i0 < o_end; i0 += plan.ob) {
         const int64_t i1 = std::min(o_end, i0 + plan.ob), nrow = i1 - i0;
         ring.block(g, i0, i1, [&](int64_t ra, int64_t rb) {
+          if (vpre != nullptr) {
+            for (int64_t r = ra; r < rb; ++r) {
+              acc_t* row = V.get() + ring.row2slot[r] * Wp * kLanes;
+              cl_to_b8(vpre + r * W * ncp, ncp, W, ncp, row + g.pl * kLanes, cbs, g.has_mid(),
+                       w.scale + n0, w.shift + n0, g.act);
+              cols.fill(g, row, cbs, ncp);
+            }
+            return;
+          }
           const int64_t P = (rb - ra) * W;
           Operand<acc_t> X = image_operand<acc_t>(src, H, W, b, 1, ra, rb, Xs.get());
           if (S) {
@@ -208,6 +223,25 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool y_cl, const Weigh
             }
           }
         }
+      }
+    };
+    for (int64_t task; (task = next()) >= 0;) {
+      if (plan.nb == 1) {
+        const int64_t chunk = task % plan.chunks, rest = task / plan.chunks;
+        run_band(rest / plan.bands, chunk, rest % plan.bands, nullptr);
+        continue;
+      }
+      const int64_t b0 = task * plan.nb, nb = std::min(plan.nb, g.B - b0), P = nb * H * W;
+      Operand<acc_t> X = image_operand<acc_t>(src, H, W, b0, nb, 0, H, Xs.get());
+      if (S) {
+        proj_gemm(X, P, C, g.M, w.w1, Us.get(), P, true);
+        X = {Us.get(), P, true};
+      }
+      for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+        const int64_t n0 = chunk * plan.nc, ncur = std::min(plan.nc, N - n0);
+        const int64_t ncp = round_up(ncur, kLanes);
+        proj_gemm(X, P, ncur, C, wp + n0 * C, Vg.get(), ncp, false);
+        for (int64_t i = 0; i < nb; ++i) run_band(b0 + i, chunk, 0, Vg.get() + i * H * W * ncp);
       }
     }
   });

@@ -800,6 +800,14 @@ BSCONV_AVX2 inline void b8_to_cm_avx2(const float* src, int64_t scbs, int64_t pi
 
 // True when proj_b8 runs (float, AVX2, small K); otherwise the caller uses the GEMM path.
 constexpr int64_t kSmallProjK = 64;
+// Whether proj_b8 runs for small K and channel-major x with this accumulation type.
+template <typename T>
+bool small_proj_enabled() {
+#if BSCONV_X86_AVX2
+  if constexpr (std::is_same_v<T, float>) return avx2_enabled();
+#endif
+  return false;
+}
 template <typename T>
 bool proj_b8(const T* x, int64_t ldx, bool xcm, int64_t P, int64_t K, const T* wt, int64_t wts,
              int64_t lanes, T* dst, int64_t dcbs, bool mid, const T* scale, const T* shift,
@@ -807,7 +815,7 @@ bool proj_b8(const T* x, int64_t ldx, bool xcm, int64_t P, int64_t K, const T* w
 #if BSCONV_X86_AVX2
   if constexpr (std::is_same_v<T, float>) {
     // Channel-major x only: with channels-last x MKL's GEMM plus a copy is faster.
-    if (avx2_enabled() && K <= kSmallProjK && xcm) {
+    if (small_proj_enabled<T>() && K <= kSmallProjK && xcm) {
       proj_b8_avx2<true>(x, ldx, P, K, wt, wts, lanes, dst, dcbs, mid, scale, shift, act);
       return true;
     }
