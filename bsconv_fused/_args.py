@@ -222,7 +222,7 @@ _OPTIONS_CACHE_MAX = 4096
 def _tensor_key(t: object) -> object:
     if t is None:
         return None
-    if not isinstance(t, torch.Tensor):
+    if type(t) is not torch.Tensor and not isinstance(t, torch.Tensor):
         return _NOT_CACHEABLE
     return (t.shape, t.dtype, t.device)
 
@@ -243,9 +243,9 @@ def normalize_cached(*args: object) -> ConvOptions:
         return normalize(*args)
     (fn, x, pw_weights, dw_weight, dw_bias, stride, padding, dilation, padding_mode, mid_scale,
      mid_shift, mid_activation) = args
-    key = (fn, _tensor_key(x), tuple(_tensor_key(w) for _, w in pw_weights),
-           _tensor_key(dw_weight), _tensor_key(dw_bias), _tensor_key(mid_scale),
-           _tensor_key(mid_shift), _option_key(stride), _option_key(padding),
+    tk = _tensor_key
+    key = (fn, tk(x), tuple([tk(w) for _, w in pw_weights]), tk(dw_weight), tk(dw_bias),
+           tk(mid_scale), tk(mid_shift), _option_key(stride), _option_key(padding),
            _option_key(dilation), _option_key(padding_mode), _option_key(mid_activation))
     opts = _options_cache.get(key)
     if opts is not None:

@@ -14,7 +14,7 @@ from ._extension import autocast_dtype, fused_available_for
 def _autocast(*tensors: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     """Casts floating-point tensors to the autocast dtype when autocast is on for their device."""
     x = tensors[0]
-    if not isinstance(x, torch.Tensor):
+    if not torch._C._is_any_autocast_enabled() or not isinstance(x, torch.Tensor):
         return list(tensors)
     dtype = autocast_dtype(x.device)
     if dtype is None:

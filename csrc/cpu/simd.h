@@ -653,6 +653,16 @@ BSCONV_AVX2 inline void proj_b8_avx2(const float* x, int64_t ldx, int64_t P, int
                                      int64_t dcbs, bool mid, const float* scale,
                                      const float* shift, int act) {
   const int64_t ncb = lanes / kLanes;
+  if (XCM) {
+    // The next image row (if any) of each channel plane: K short streams, too many for the
+    // hardware prefetchers to follow.
+    for (int64_t k = 0; k < K; ++k) {
+      const char* next = reinterpret_cast<const char*>(x + k * ldx + P);
+      for (int64_t b = 0; b < P * int64_t(sizeof(float)); b += 64) {
+        _mm_prefetch(next + b, _MM_HINT_T0);
+      }
+    }
+  }
   int64_t cb = 0;
   for (; cb + 2 <= ncb; cb += 2) {
     proj_row_nb_avx2<2, XCM>(x, ldx, K, wt, wts, dst, dcbs, P, cb, mid, scale, shift, act);
