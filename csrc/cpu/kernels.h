@@ -274,8 +274,13 @@ inline ForwardPlan forward_plan(const Geometry& g, int64_t acc_size, int64_t thr
   }
   // A v row is held twice: as the GEMM wrote it and in the depthwise's B8 layout.
   const int64_t row_bytes = 2 * g.W * round_up(p.nc, kLanes) * acc_size;
-  const int64_t budget_rows = std::max<int64_t>(1, kForwardVBudget / std::max<int64_t>(row_bytes, 1));
+  int64_t budget_rows = std::max<int64_t>(1, kForwardVBudget / std::max<int64_t>(row_bytes, 1));
   const int64_t span = (g.Kh - 1) * g.dh + 1;
+  if (gemm_proj) {
+    // Narrow images: blocks of enough rows that the BLAS sees kGroupPixels pixels per call
+    // (a few rows of a 14-pixel image would leave it at a fraction of its rate).
+    budget_rows = std::max(budget_rows, ceil_div(kGroupPixels, g.W) + span - 1);
+  }
   p.ob = std::clamp<int64_t>((budget_rows - span) / g.sh + 1, 1, std::max<int64_t>(p.band, 1));
   p.slots = (p.ob - 1) * g.sh + span;
   return p;
