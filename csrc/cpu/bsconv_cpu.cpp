@@ -335,6 +335,11 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
   }
   const int64_t tasks = plan.tasks, groups = plan.groups;
   Scratch<acc_t> partials(kSlotBwdPartials, groups * lay.size, false);
+  // With a single group the projection weight gradients go straight to their outputs (no
+  // partial to sum: a weight-sized copy through memory saved).
+  const bool direct_w = groups == 1 && same;
+  acc_t* const out_w1 = direct_w ? reinterpret_cast<acc_t*>(out.w1) : nullptr;
+  acc_t* const out_w2 = direct_w ? reinterpret_cast<acc_t*>(out.w2) : nullptr;
   const int64_t P_max = plan.nb * plan.nr * W;
   // Output rows one band of v rows is read by, at most.
   const int64_t orows_max = std::min(Ho, (plan.nr - 1 + (g.Kh - 1) * g.dh) / g.sh + 2);
@@ -541,13 +546,13 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
         Operand<acc_t> G{gvc, Np, false};  // gradient at the output of the projection of x
         int64_t K = N;
         if (S) {
-          if (mask[kGw2]) wgrad_gemm(P, N, Mm, G, Ut, beta, part + lay.w2);
+          if (mask[kGw2]) wgrad_gemm(P, N, Mm, G, Ut, beta, direct_w ? out_w2 : part + lay.w2);
           if (!mask[kGw1] && !mask[kGx]) continue;
           igrad_gemm(G, P, N, Mm, w.w2, gU.get(), P, true);  // gu, channel-major
           G = {gU.get(), P, true};
           K = Mm;
         }
-        if (mask[kGw1]) wgrad_gemm(P, K, M, G, X, beta, part + lay.w1);
+        if (mask[kGw1]) wgrad_gemm(P, K, M, G, X, beta, direct_w ? out_w1 : part + lay.w1);
         if (mask[kGx]) {
           if (x_inplace) {
             acc_t* dst = reinterpret_cast<acc_t*>(cl ? gx + (b0 * HW + r0 * W) * M
@@ -573,17 +578,25 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
     }
   });
 
-  // Fixed-order sum of the group partials, into the gradients.
+  // Fixed-order sum of the group partials, into the gradients (group by group, so that the
+  // loops vectorize; each element is still summed in group order).
   at::parallel_for(0, lay.size, 16384, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum;
     for (int r = 0; r < 5; ++r) {
       scalar_t* dst = regions[r].second;
       const int64_t lo = std::max(begin, bounds[r]), hi = std::min(end, bounds[r + 1]);
-      if (dst == nullptr || lo >= hi) continue;
-      for (int64_t i = lo; i < hi; ++i) {
-        acc_t sum = partials.get()[i];
-        for (int64_t grp = 1; grp < groups; ++grp) sum += partials.get()[grp * lay.size + i];
-        dst[i - bounds[r]] = scalar_t(sum);
+      if (dst == nullptr || lo >= hi || (direct_w && r < 2)) continue;
+      const acc_t* p0 = partials.get() + lo;
+      if (groups == 1) {
+        for (int64_t i = 0; i < hi - lo; ++i) dst[lo - bounds[r] + i] = scalar_t(p0[i]);
+        continue;
       }
+      sum.assign(p0, p0 + (hi - lo));
+      for (int64_t grp = 1; grp < groups; ++grp) {
+        const acc_t* pg = p0 + grp * lay.size;
+        for (int64_t i = 0; i < hi - lo; ++i) sum[i] += pg[i];
+      }
+      for (int64_t i = 0; i < hi - lo; ++i) dst[lo - bounds[r] + i] = scalar_t(sum[i]);
     }
   });
 }
