@@ -187,10 +187,23 @@ def test_only_requested_gradients():
         assert max_err(a, b) <= F64_TOL * max(1.0, b.abs().max().item())
 
 
-def test_backward_is_deterministic_across_runs_and_threads():
-    p = make_problem("s", B=3, M=48, N=64, mid=12, H=30, W=26, padding=1,
+@pytest.mark.parametrize("variant", ["u", "s"])
+def test_single_small_image_backward(variant):
+    # One task: the recompute GEMM in two channel halves, the weight- and input-gradient GEMMs
+    # side by side (on two threads when there are two).
+    check_f64(make_problem(variant, B=1, M=72, N=84, mid=20, H=6, W=7, padding=1,
+                           padding_mode="replicate", mid_activation="relu6", mid_affine=True))
+
+
+@pytest.mark.parametrize("variant,B,M,N,H,W", [
+    ("s", 3, 48, 64, 30, 26),  # several bands and images: weight-gradient partials per group
+    ("u", 1, 72, 80, 6, 7),    # one small image, one task: its GEMMs split over two threads
+    ("s", 1, 72, 80, 6, 7),
+])
+def test_backward_is_deterministic_across_runs_and_threads(variant, B, M, N, H, W):
+    p = make_problem(variant, B=B, M=M, N=N, mid=12, H=H, W=W, padding=1,
                      mid_activation="hardswish", mid_affine=True).cast(torch.float32)
-    gy = torch.randn(3, 64, 30, 26, generator=torch.Generator().manual_seed(5))
+    gy = torch.randn(B, N, H, W, generator=torch.Generator().manual_seed(5))
     threads = torch.get_num_threads()
     try:
         results = []

@@ -427,7 +427,16 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
           }
         }
         if (!direct_act && (need_gb || mid)) {
-          proj_gemm(Xv, P, N, Kv, S ? w.w2 : w.w1, V.get(), Np, false);
+          const acc_t* wv = S ? w.w2 : w.w1;
+          if (tasks == 1 && N >= 2 * kLanes) {
+            // One task: the two halves of the channels on two threads (the same two GEMMs
+            // on one thread, so the split does not depend on the thread count).
+            const int64_t N1 = round_up(N / 2, kLanes);
+            run_pair([&] { proj_gemm(Xv, P, N1, Kv, wv, V.get(), Np, false); },
+                     [&] { proj_gemm(Xv, P, N - N1, Kv, wv + N1 * Kv, V.get() + N1, Np, false); });
+          } else {
+            proj_gemm(Xv, P, N, Kv, wv, V.get(), Np, false);
+          }
           if (need_gb) {
             for (int64_t k = 0; k < nbt * rows; ++k) {
               cl_to_b8(V.get() + k * W * Np, Np, W, Np, AG.get() + (k * Wa + g.pl) * kLanes,
@@ -543,17 +552,34 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
         }
 
         // 5. Projection adjoints: weight-gradient partials and gx for this task's pixels.
+        // The weight gradient and the input gradient of a projection are independent GEMMs:
+        // with a single task (one small image) they run on two threads (run_pair).
         Operand<acc_t> G{gvc, Np, false};  // gradient at the output of the projection of x
         int64_t K = N;
         if (S) {
-          if (mask[kGw2]) wgrad_gemm(P, N, Mm, G, Ut, beta, direct_w ? out_w2 : part + lay.w2);
-          if (!mask[kGw1] && !mask[kGx]) continue;
-          igrad_gemm(G, P, N, Mm, w.w2, gU.get(), P, true);  // gu, channel-major
+          const bool gu = mask[kGw1] || mask[kGx];
+          auto gw2 = [&] {
+            if (mask[kGw2]) wgrad_gemm(P, N, Mm, G, Ut, beta, direct_w ? out_w2 : part + lay.w2);
+          };
+          auto igrad = [&] { igrad_gemm(G, P, N, Mm, w.w2, gU.get(), P, true); };  // gu, CM
+          if (tasks == 1 && gu) {
+            run_pair(gw2, igrad);
+          } else {
+            gw2();
+            if (gu) igrad();
+          }
+          if (!gu) continue;
           G = {gU.get(), P, true};
           K = Mm;
         }
-        if (mask[kGw1]) wgrad_gemm(P, K, M, G, X, beta, direct_w ? out_w1 : part + lay.w1);
-        if (mask[kGx]) {
+        auto gw1 = [&] {
+          if (mask[kGw1]) wgrad_gemm(P, K, M, G, X, beta, direct_w ? out_w1 : part + lay.w1);
+        };
+        if (!mask[kGx]) {
+          gw1();
+          continue;
+        }
+        auto gxf = [&] {
           if (x_inplace) {
             acc_t* dst = reinterpret_cast<acc_t*>(cl ? gx + (b0 * HW + r0 * W) * M
                                                      : gx + b0 * M * HW + r0 * W);
@@ -573,6 +599,12 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
               }
             }
           }
+        };
+        if (tasks == 1 && mask[kGw1]) {
+          run_pair(gw1, gxf);
+        } else {
+          gw1();
+          gxf();
         }
       }
     }

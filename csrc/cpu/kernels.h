@@ -114,12 +114,43 @@ void run_workers(int64_t tasks, F body) {
   if (tasks <= 0) return;
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
   std::atomic<int64_t> next{0};
+  if (workers == 1) {
+    // On the calling thread, outside any parallel region: the body may fork (run_pair).
+    SingleThreadedBlas blas_guard;
+    body([&next, tasks]() -> int64_t {
+      const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+      return t < tasks ? t : -1;
+    });
+    return;
+  }
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     SingleThreadedBlas blas_guard;
     body([&next, tasks]() -> int64_t {
       const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
       return t < tasks ? t : -1;
     });
+  });
+}
+
+// Runs two independent pieces of work, on two threads of the pool when called outside a
+// parallel region with more than one thread (each piece single-threaded inside, so the results
+// do not depend on whether they ran in parallel).
+template <typename F, typename G>
+void run_pair(F f, G g) {
+  if (at::get_num_threads() < 2 || at::in_parallel_region()) {
+    f();
+    g();
+    return;
+  }
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_guard;
+    for (int64_t i = begin; i < end; ++i) {
+      if (i == 0) {
+        f();
+      } else {
+        g();
+      }
+    }
   });
 }
 
