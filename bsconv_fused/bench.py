@@ -7,8 +7,10 @@ options. For every layer of the suite, batch size and mode (forward, forward + b
    float64 evaluation of the reference, as max abs error and relative error (max abs error over
    max abs value of the float64 result); the fused op failing the tolerance of the dtype marks
    the row ``FAIL`` and makes :func:`main` return 1;
-2. times all variants interleaved round-robin (one call of each per repeat, the order rotated
-   every repeat) so that machine noise hits them alike, and reports median and spread;
+2. times all variants interleaved round-robin (one call of each per repeat) so that machine
+   noise hits them alike, in orders where every variant directly follows every other one equally
+   often (a call runs faster right after a similar one that warmed the caches and threads), and
+   reports median and spread;
 3. derives speedups of the fused op over the best unfused eager baseline (the faster of NCHW and
    channels_last) and over the NCHW default, and its achieved GFLOP/s, GB/s and fraction of the
    roofline bound given by peaks measured at start (a GEMM probe and a copy probe).
@@ -501,10 +503,32 @@ def _time_once(step: Callable[[], None], sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``range(n)`` in which every item directly follows every other item equally
+    often (a Williams design: n orders for even n, 2n for odd n).
+
+    Rotating one order would not do: each item would always follow the same neighbour, and a
+    call right after a similar one (same weights in cache, threads awake) runs faster.
+    """
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        if len(first) % 2:
+            first.append(lo)
+            lo += 1
+        else:
+            first.append(hi)
+            hi -= 1
+    rows = [[(v + r) % n for v in first] for r in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return rows
+
+
 def time_round_robin(steps: dict[str, Callable[[], None]], sync: Callable[[], None],
                      warmup: int, repeats: int, min_repeats: int,
                      budget: float) -> dict[str, Timing]:
-    """Warm-up rounds, then repeats of one call per variant, the order rotated every round.
+    """Warm-up rounds, then repeats of one call per variant, in the orders of
+    :func:`balanced_orders` (cycled).
 
     The number of repeats is ``repeats``, lowered to fit ``budget`` seconds (estimated from the
     last warm-up round) but never below ``min_repeats``; budget <= 0 means no limit.
@@ -516,10 +540,10 @@ def time_round_robin(steps: dict[str, Callable[[], None]], sync: Callable[[], No
     if budget > 0 and round_time > 0:
         repeats = max(min_repeats, min(repeats, int(budget / round_time)))
     samples: dict[str, list[float]] = {n: [] for n in names}
+    orders = balanced_orders(len(names))
     for r in range(repeats):
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
-            samples[name].append(_time_once(steps[name], sync))
+        for i in orders[r % len(orders)]:
+            samples[names[i]].append(_time_once(steps[names[i]], sync))
     return {n: Timing.of(s) for n, s in samples.items()}
 
 

@@ -142,10 +142,26 @@ def test_layer_shapes_and_suites() -> None:
 def test_round_robin_timing_counts() -> None:
     calls: list[str] = []
     steps = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
-    timings = bench.time_round_robin(steps, lambda: None, warmup=1, repeats=4, min_repeats=2,
+    timings = bench.time_round_robin(steps, lambda: None, warmup=1, repeats=6, min_repeats=2,
                                      budget=0)
-    assert calls[3:6] == ["a", "b", "c"] and calls[6:9] == ["b", "c", "a"]  # rotated order
-    assert all(t.repeats == 4 and t.min_ms <= t.median_ms <= t.max_ms for t in timings.values())
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    rounds = [calls[3 + 3 * r: 6 + 3 * r] for r in range(6)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    # Within the rounds every variant directly follows every other one equally often.
+    pairs = [(r[i], r[i + 1]) for r in rounds for i in range(2)]
+    assert {p: pairs.count(p) for p in pairs} == {
+        (a, b): 2 for a in "abc" for b in "abc" if a != b}
+    assert all(t.repeats == 6 and t.min_ms <= t.median_ms <= t.max_ms for t in timings.values())
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7])
+def test_balanced_orders(n: int) -> None:
+    orders = bench.balanced_orders(n)
+    assert len(orders) == (n if n % 2 == 0 else 2 * n)
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    pairs = [(o[i], o[i + 1]) for o in orders for i in range(n - 1)]
+    counts = {p: pairs.count(p) for p in pairs}
+    assert len(counts) == n * (n - 1) and len(set(counts.values())) <= 1
 
 
 def test_cuda_variants_without_running_them() -> None:
