@@ -553,21 +553,19 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
 
         // 5. Projection adjoints: weight-gradient partials and gx for this task's pixels.
         // The weight gradient and the input gradient of a projection are independent GEMMs:
-        // with a single task (one small image) they run on two threads (run_pair).
+        // run_pair puts them on two threads when this is the only task (one small image).
         Operand<acc_t> G{gvc, Np, false};  // gradient at the output of the projection of x
         int64_t K = N;
         if (S) {
           const bool gu = mask[kGw1] || mask[kGx];
-          auto gw2 = [&] {
-            if (mask[kGw2]) wgrad_gemm(P, N, Mm, G, Ut, beta, direct_w ? out_w2 : part + lay.w2);
-          };
-          auto igrad = [&] { igrad_gemm(G, P, N, Mm, w.w2, gU.get(), P, true); };  // gu, CM
-          if (tasks == 1 && gu) {
-            run_pair(gw2, igrad);
-          } else {
-            gw2();
-            if (gu) igrad();
-          }
+          run_pair(
+              [&] {
+                if (!mask[kGw2]) return;
+                wgrad_gemm(P, N, Mm, G, Ut, beta, direct_w ? out_w2 : part + lay.w2);
+              },
+              [&] {
+                if (gu) igrad_gemm(G, P, N, Mm, w.w2, gU.get(), P, true);  // gu, channel-major
+              });
           if (!gu) continue;
           G = {gU.get(), P, true};
           K = Mm;
@@ -575,11 +573,8 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
         auto gw1 = [&] {
           if (mask[kGw1]) wgrad_gemm(P, K, M, G, X, beta, direct_w ? out_w1 : part + lay.w1);
         };
-        if (!mask[kGx]) {
-          gw1();
-          continue;
-        }
         auto gxf = [&] {
+          if (!mask[kGx]) return;
           if (x_inplace) {
             acc_t* dst = reinterpret_cast<acc_t*>(cl ? gx + (b0 * HW + r0 * W) * M
                                                      : gx + b0 * M * HW + r0 * W);
@@ -600,12 +595,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
             }
           }
         };
-        if (tasks == 1 && mask[kGw1]) {
-          run_pair(gw1, gxf);
-        } else {
-          gw1();
-          gxf();
-        }
+        run_pair(gw1, gxf);
       }
     }
   });
