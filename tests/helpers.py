@@ -91,16 +91,19 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def assert_accurate(name: str, fused: torch.Tensor, ref_lowp: torch.Tensor,
-                    ref64: torch.Tensor) -> None:
+                    ref64: torch.Tensor, magnitude: Optional[torch.Tensor] = None) -> None:
     """The fused result may be at most twice as far from the float64 oracle as the reference
     computed in the same dtype. Floor: two ulps of the output's dtype at the oracle's scale, the
     spread that a different (equally valid) summation order alone produces, so that a reference
-    which happens to be nearly exact does not demand the impossible."""
+    which happens to be nearly exact does not demand the impossible. The rounding error of a sum
+    scales with the sum of its terms' magnitudes, not with the (possibly cancelling) result:
+    when ``magnitude`` (elementwise sums of |terms|) is given, the floor takes that scale."""
     assert fused.shape == ref64.shape, (name, fused.shape, ref64.shape)
     assert fused.dtype == ref_lowp.dtype, (name, fused.dtype, ref_lowp.dtype)
     err = max_err(fused, ref64)
     ref_err = max_err(ref_lowp, ref64)
-    floor = 2 * EPS[fused.dtype] * max(ref64.abs().max().item() if ref64.numel() else 0.0, 1.0)
+    scale = ref64 if magnitude is None else magnitude
+    floor = 2 * EPS[fused.dtype] * max(scale.abs().max().item() if scale.numel() else 0.0, 1.0)
     bound = 2 * max(ref_err, floor)
     assert err <= bound, f"{name}: fused error {err:.3g} > bound {bound:.3g} (ref {ref_err:.3g})"
 

@@ -9,6 +9,8 @@ activations, deterministic and atomic weight-gradient reduction.
 
 from __future__ import annotations
 
+import zlib
+
 import bsconv_fused._emu  # noqa: F401  (registers bsconv_fused_emu::*)
 import pytest
 import torch
@@ -93,7 +95,9 @@ def test_every_instantiation(dtype, proj, K, stride, padding, dilation, variant)
                      # a pre-activation within rounding of a kink (hardswish' jumps by 0.5 at +-3)
                      # flips the derivative arbitrarily in both the fused and the unfused path.
                      mid_activation="hardswish" if dtype == torch.float64 else None,
-                     mid_affine=True, seed=hash((K, stride, variant)) % 1000).cast(dtype)
+                     mid_affine=True,
+                     # A stable seed (hash() of a str varies per process: PYTHONHASHSEED).
+                     seed=zlib.crc32(repr((K, stride, variant)).encode()) % 1000).cast(dtype)
     gy = torch.randn(ref_shape(p), dtype=torch.float64,
                      generator=torch.Generator().manual_seed(7))
     # Each instantiation serves both variants, so alternating the weight-gradient reduction by
@@ -120,9 +124,12 @@ def test_every_instantiation(dtype, proj, K, stride, padding, dilation, variant)
             err = (a.double() - c).abs()
             assert (err <= 2.0 ** -9 * m + 2 * (b.double() - c).abs() + 1e-5 * (1 + m)).all(), name
         return
-    assert_accurate("y", y, y_lo, y64)
-    for name, a, b, c in zip(names, grads, g_lo, g64):
-        assert_accurate(name, a, b, c)
+    # The weight gradients are long reductions (the U variant's through atomics, in a varying
+    # order): their floor is two ulps of the sum of |terms| (magnitudes), see assert_accurate.
+    y_abs, g_abs = magnitudes(p, gy)
+    assert_accurate("y", y, y_lo, y64, y_abs)
+    for name, a, b, c, m in zip(names, grads, g_lo, g64, g_abs):
+        assert_accurate(name, a, b, c, m)
 
 
 @pytest.mark.parametrize("variant", ["u", "s"])
