@@ -150,16 +150,17 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool y_cl, const Weigh
       ring.reset();
       for (int64_t i0 = o_begin; i0 < o_end; i0 += plan.ob) {
         const int64_t i1 = std::min(o_end, i0 + plan.ob), nrow = i1 - i0;
-        ring.block(g, i0, i1, [&](int64_t ra, int64_t rb) {
-          if (vpre != nullptr) {
-            for (int64_t r = ra; r < rb; ++r) {
-              acc_t* row = V.get() + ring.row2slot[r] * Wp * kLanes;
-              cl_to_b8(vpre + r * W * ncp, ncp, W, ncp, row + g.pl * kLanes, cbs, g.has_mid(),
-                       w.scale + n0, w.shift + n0, g.act);
-              cols.fill(g, row, cbs, ncp);
-            }
-            return;
+        // CL v rows [ra, rb) (v: row ra) into their B8 slots, through the mid transform.
+        auto to_slots = [&](const acc_t* v, int64_t ra, int64_t rb) {
+          for (int64_t r = ra; r < rb; ++r) {
+            acc_t* row = V.get() + ring.row2slot[r] * Wp * kLanes;
+            cl_to_b8(v + (r - ra) * W * ncp, ncp, W, ncp, row + g.pl * kLanes, cbs,
+                     g.has_mid(), w.scale + n0, w.shift + n0, g.act);
+            cols.fill(g, row, cbs, ncp);
           }
+        };
+        ring.block(g, i0, i1, [&](int64_t ra, int64_t rb) {
+          if (vpre != nullptr) return to_slots(vpre + ra * W * ncp, ra, rb);
           const int64_t P = (rb - ra) * W;
           Operand<acc_t> X = image_operand<acc_t>(src, H, W, b, 1, ra, rb, Xs.get());
           if (S) {
@@ -179,12 +180,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool y_cl, const Weigh
             if (done) return;
           }
           proj_gemm(X, P, ncur, C, wp + n0 * C, Vt.get(), ncp, false);
-          for (int64_t r = ra; r < rb; ++r) {
-            acc_t* row = V.get() + ring.row2slot[r] * Wp * kLanes;
-            cl_to_b8(Vt.get() + (r - ra) * W * ncp, ncp, W, ncp, row + g.pl * kLanes, cbs,
-                     g.has_mid(), w.scale + n0, w.shift + n0, g.act);
-            cols.fill(g, row, cbs, ncp);
-          }
+          to_slots(Vt.get(), ra, rb);
         });
         for (int64_t i = i0; i < i1; ++i) {
           for (int64_t kh = 0; kh < g.Kh; ++kh) {
