@@ -125,18 +125,40 @@ def test_small_images_projected_in_groups(threads, layout, variant):
 def test_low_precision(dtype, variant, act, mode):
     p = make_problem(variant, B=2, M=24, N=40, mid=8, H=12, W=11, padding=1, padding_mode=mode,
                      mid_activation=act, mid_affine=act is not None)
-    plo = p.cast(dtype)
+    check_lowp(p.cast(dtype), seed=3)
+
+
+def check_lowp(plo, seed):
+    """Forward and all gradients of the fused op in the problem's (low) precision: at most twice
+    the reference's own error in that precision, against float64 on the same rounded inputs."""
     p64 = plo.cast(torch.float64)  # the oracle sees exactly the rounded inputs
     y64, ylo_ref, ylo = p64.reference(), plo.reference(), plo.fused()
-    assert ylo.dtype == dtype
+    assert ylo.dtype == plo.x.dtype
     assert_accurate("y", ylo, ylo_ref, y64)
-    gy = torch.randn(y64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    names = ["x"] + [f"pw{i}" for i in range(len(p.pws))] + ["dw", "bias", "scale", "shift"]
-    names = [n for n, t in zip(names, p.tensors()) if t is not None]
+    gy = torch.randn(y64.shape, dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(seed))
+    names = ["x"] + [f"pw{i}" for i in range(len(plo.pws))] + ["dw", "bias", "scale", "shift"]
+    names = [n for n, t in zip(names, plo.tensors()) if t is not None]
     for name, a, b, c in zip(names, grads(ylo, plo.inputs(), gy),
                              grads(ylo_ref, plo.inputs(), gy), grads(y64, p64.inputs(), gy)):
-        assert a.dtype == dtype
+        assert a.dtype == plo.x.dtype
         assert_accurate(name, a, b, c)
+    return ylo
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("variant", ["u", "s"])
+@pytest.mark.parametrize("B,H,W", [(1, 13, 9), (3, 5, 6)])
+def test_gemm_projections(dtype, layout, variant, B, H, W):
+    # More than 64 input channels: the projections and their adjoints run as packed-panel GEMMs
+    # (float32 NCHW x is read channels-last, gx transposed back), with N and M' not multiples
+    # of the 32-column panels; one image in bands, or small images in groups.
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    p = make_problem(variant, B=B, M=80, N=168, mid=36, H=H, W=W, padding=1, stride=(1, 2),
+                     padding_mode="replicate", mid_activation="relu6", mid_affine=True)
+    y = check_lowp(p.cast(dtype, fmt), seed=4)
+    assert y.is_contiguous(memory_format=fmt)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "permuted"])

@@ -103,21 +103,35 @@ struct PaddedCols {
   }
 };
 
+// BSConv-S: u = W1 x for P pixels into `u` (P * Mmid elements): channels-last from
+// channels-last x with the packed W1^T, else channel-major (MKL runs such narrow outputs much
+// faster with the pixels in the leading dimension).
+template <typename acc_t>
+Operand<acc_t> project_u(const Geometry& g, const Operand<acc_t>& X, int64_t P,
+                         const Weights<acc_t>& w, acc_t* u) {
+  if (w.w1p != nullptr && !X.cm) {
+    proj_gemm(X, P, 0, g.Mmid, g.M, w.w1, w.w1p, u, g.Mmid);
+    return {u, g.Mmid, false};
+  }
+  proj_gemm(X, P, g.Mmid, g.M, w.w1, u, P, true);
+  return {u, P, true};
+}
+
 // Forward: one task per (image, channel chunk, band of output rows). BSConv-U projects x rows
 // with w1; BSConv-S first projects them to u rows with w1 (channel-major scratch, only the rows
 // of the current block) and those with w2. The GEMM writes v rows channels-last,
 // they move to B8 slots (with the mid transform), the depthwise writes CL rows or B8 rows that
 // are transposed into NCHW y rows.
 template <typename scalar_t, typename acc_t>
-void forward_kernel(const Geometry& g, const scalar_t* x, bool y_cl, const Weights<acc_t>& w,
-                    scalar_t* y) {
-  // x and y have the same memory format: channels-last when y_cl, else NCHW.
-  const Image<scalar_t> src{x, g.M, !y_cl, g.M * g.H * g.W, g.H * g.W};
+void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
+                    const Weights<acc_t>& w, scalar_t* y) {
+  // x and y: channels-last when x_cl / y_cl, else NCHW.
+  const Image<scalar_t> src{x, g.M, !x_cl, g.M * g.H * g.W, g.H * g.W};
   const bool S = g.subspace();
   const acc_t* wp = S ? w.w2 : w.w1;
   const int64_t C = S ? g.Mmid : g.M;  // input channels of the projection into v
   // proj_b8 (register tiles) takes small projections of channel-major x, MKL the others.
-  const bool gemm_proj = w.wpt == nullptr || y_cl || !small_proj_enabled<acc_t>();
+  const bool gemm_proj = w.wpt == nullptr || x_cl || !small_proj_enabled<acc_t>();
   const ForwardPlan plan = forward_plan(g, sizeof(acc_t), at::get_num_threads(), gemm_proj);
   const PaddedCols cols(g);
   const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, N = g.N, HoWo = Ho * Wo;
@@ -132,7 +146,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool y_cl, const Weigh
     // Grouped tasks (plan.nb > 1) project whole images: x gathered unless in place, u and v
     // for all pixels of the group.
     const int64_t P_group = plan.nb * H * W, rows_x = plan.nb > 1 ? P_group : S_ * W;
-    const bool x_gather = !std::is_same_v<scalar_t, acc_t> || (plan.nb > 1 && !y_cl);
+    const bool x_gather = !std::is_same_v<scalar_t, acc_t> || (plan.nb > 1 && !x_cl);
     Scratch<acc_t> Xs(kSlotFwdX, x_gather ? rows_x * g.M : 0, false);
     Scratch<acc_t> Us(kSlotFwdU, S ? rows_x * C : 0, false);
     Scratch<acc_t> Vg(kSlotFwdVg, plan.nb > 1 ? P_group * ncp_max : 0, false);
@@ -163,10 +177,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool y_cl, const Weigh
           if (vpre != nullptr) return to_slots(vpre + ra * W * ncp, ra, rb);
           const int64_t P = (rb - ra) * W;
           Operand<acc_t> X = image_operand<acc_t>(src, H, W, b, 1, ra, rb, Xs.get());
-          if (S) {
-            proj_gemm(X, P, C, g.M, w.w1, Us.get(), P, true);
-            X = {Us.get(), P, true};
-          }
+          if (S) X = project_u(g, X, P, w, Us.get());
           if (w.wpt != nullptr) {
             // Small projection: straight into the B8 rows.
             bool done = true;
@@ -179,7 +190,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool y_cl, const Weigh
             }
             if (done) return;
           }
-          proj_gemm(X, P, ncur, C, wp + n0 * C, Vt.get(), ncp, false);
+          proj_gemm(X, P, n0, ncur, C, wp, w.wvp, Vt.get(), ncp);
           to_slots(Vt.get(), ra, rb);
         });
         for (int64_t i = i0; i < i1; ++i) {
@@ -229,14 +240,11 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool y_cl, const Weigh
       }
       const int64_t b0 = task * plan.nb, nb = std::min(plan.nb, g.B - b0), P = nb * H * W;
       Operand<acc_t> X = image_operand<acc_t>(src, H, W, b0, nb, 0, H, Xs.get());
-      if (S) {
-        proj_gemm(X, P, C, g.M, w.w1, Us.get(), P, true);
-        X = {Us.get(), P, true};
-      }
+      if (S) X = project_u(g, X, P, w, Us.get());
       for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
         const int64_t n0 = chunk * plan.nc, ncur = std::min(plan.nc, N - n0);
         const int64_t ncp = round_up(ncur, kLanes);
-        proj_gemm(X, P, ncur, C, wp + n0 * C, Vg.get(), ncp, false);
+        proj_gemm(X, P, n0, ncur, C, wp, w.wvp, Vg.get(), ncp);
         for (int64_t i = 0; i < nb; ++i) run_band(b0 + i, chunk, 0, Vg.get() + i * H * W * ncp);
       }
     }
@@ -303,17 +311,18 @@ struct GradOut {
 };
 
 template <typename scalar_t, typename acc_t>
-void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, bool cl,
-                     const Weights<acc_t>& w, const Mask& mask, scalar_t* gx,
+void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, bool x_cl,
+                     bool cl, const Weights<acc_t>& w, const Mask& mask, scalar_t* gx,
                      const GradOut<scalar_t>& out) {
+  // x: channels-last when x_cl; gy and gx: channels-last when cl, else NCHW.
   const PartialLayout lay(g, mask);
   const bool need_gv = mask[kGx] || mask[kGw1] || mask[kGw2] || mask[kGscale] || mask[kGshift];
   const bool need_gb = mask[kGdw];
-  const bool S = g.subspace(), mid = g.has_mid(), cm = !cl;
+  const bool S = g.subspace(), mid = g.has_mid();
   const int64_t M = g.M, N = g.N, Mm = g.Mmid, H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo;
   const int64_t HW = H * W, HoWo = Ho * Wo, KK = g.taps(), Np = w.Np;
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
-  const Image<scalar_t> xi{x, M, cm, M * HW, HW};
+  const Image<scalar_t> xi{x, M, !x_cl, M * HW, HW};
 
   const int64_t bpp = int64_t(sizeof(acc_t)) *
                       (Np * 3 + (S ? 2 * Mm : 0) + M + (mask[kGx] ? M : 0));
@@ -349,7 +358,12 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
     }
   }
   // x and gx in place (else gathered / scattered through scratch).
-  const bool x_inplace = same && (cl || plan.nb == 1);
+  const bool x_inplace = same && (x_cl || plan.nb == 1);
+  // gx straight from the GEMM into its rows (else through the gxs scratch): channels-last,
+  // or channel-major when the input-gradient GEMM reads packed weights (a GEMM into
+  // channels-last scratch and one transpose do better than a GEMM with transposed operands).
+  const bool gx_panels = w.w1n != nullptr;
+  const bool gx_inplace = same && (cl || (plan.nb == 1 && !gx_panels));
   // act(v) rows padded like the forward's v rows (zeros: remapped taps are corrections).
   const PaddedCols acols(g);
   const int64_t Wa = acols.Wp_alloc, rows_max = plan.nb * plan.nr;
@@ -381,7 +395,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
     Scratch<acc_t> Gy(kSlotBwdGy, orows_max * GWp * Np);  // zero: padding, lanes beyond N
     Scratch<acc_t> Xs(kSlotBwdX, !x_inplace ? P_max * M : 0, false);
     Scratch<acc_t> Us(kSlotBwdU, S ? P_max * Mm : 0, false);
-    Scratch<acc_t> gxs(kSlotBwdGx, mask[kGx] && !x_inplace ? P_max * M : 0, false);
+    Scratch<acc_t> gxs(kSlotBwdGx, mask[kGx] && !gx_inplace ? P_max * M : 0, false);
     Scratch<acc_t> gbt(kSlotBwdGb, need_gb ? KK * Np : 0, false);
     Scratch<double> dsc(kSlotBwdDsc, Np, false), dsh(kSlotBwdDsh, Np, false);
     std::vector<const acc_t*> grows(g.Kh);
@@ -401,12 +415,9 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
 
         // 1. Recompute the patch: v (pre-activation) and act(v).
         const Operand<acc_t> X = image_operand<acc_t>(xi, H, W, b0, nbt, r0, r1, Xs.get());
-        // BSConv-S: u = W1 x for the task's pixels (channel-major scratch).
+        // BSConv-S: u = W1 x for the task's pixels.
         Operand<acc_t> Ut{nullptr, 0, true};
-        if (S) {
-          proj_gemm(X, P, Mm, M, w.w1, Us.get(), P, true);
-          Ut = {Us.get(), P, true};
-        }
+        if (S) Ut = project_u(g, X, P, w, Us.get());
         const Operand<acc_t>& Xv = S ? Ut : X;  // the input of the projection into v
         const int64_t Kv = S ? Mm : M;
         const acc_t* act = AG.get();
@@ -424,14 +435,14 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
         }
         if (!direct_act && (need_gb || mid)) {
           const acc_t* wv = S ? w.w2 : w.w1;
-          if (tasks == 1 && N >= 2 * kLanes) {
+          if (tasks == 1 && N >= 2 * kPanel) {
             // One task: the two halves of the channels on two threads (the same two GEMMs
             // on one thread, so the split does not depend on the thread count).
-            const int64_t N1 = round_up(N / 2, kLanes);
-            run_pair([&] { proj_gemm(Xv, P, N1, Kv, wv, V.get(), Np, false); },
-                     [&] { proj_gemm(Xv, P, N - N1, Kv, wv + N1 * Kv, V.get() + N1, Np, false); });
+            const int64_t N1 = round_up(N / 2, kPanel);
+            run_pair([&] { proj_gemm(Xv, P, 0, N1, Kv, wv, w.wvp, V.get(), Np); },
+                     [&] { proj_gemm(Xv, P, N1, N - N1, Kv, wv, w.wvp, V.get() + N1, Np); });
           } else {
-            proj_gemm(Xv, P, N, Kv, wv, V.get(), Np, false);
+            proj_gemm(Xv, P, 0, N, Kv, wv, w.wvp, V.get(), Np);
           }
           if (need_gb) {
             for (int64_t k = 0; k < nbt * rows; ++k) {
@@ -560,10 +571,16 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
                 wgrad_gemm(P, N, Mm, G, Ut, beta, direct_w ? out_w2 : part + lay.w2);
               },
               [&] {
-                if (gu) igrad_gemm(G, P, N, Mm, w.w2, gU.get(), P, true);  // gu, channel-major
+                if (!gu) return;
+                if (w.w2n != nullptr) {
+                  igrad_gemm(G, P, N, Mm, w.w2, w.w2n, gU.get(), Mm);  // gu, channels-last
+                } else {
+                  igrad_gemm(G, P, N, Mm, w.w2, gU.get(), P, true);  // gu, channel-major
+                }
               });
           if (!gu) continue;
-          G = {gU.get(), P, true};
+          G = w.w2n != nullptr ? Operand<acc_t>{gU.get(), Mm, false}
+                               : Operand<acc_t>{gU.get(), P, true};
           K = Mm;
         }
         auto gw1 = [&] {
@@ -571,14 +588,33 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
         };
         auto gxf = [&] {
           if (!mask[kGx]) return;
-          if (x_inplace) {
+          if (gx_inplace) {
             acc_t* dst = reinterpret_cast<acc_t*>(cl ? gx + (b0 * HW + r0 * W) * M
                                                      : gx + b0 * M * HW + r0 * W);
-            igrad_gemm(G, P, K, M, w.w1, dst, cl ? M : HW, cm);
+            if (cl) {
+              igrad_gemm(G, P, K, M, w.w1, w.w1n, dst, M);
+            } else {
+              igrad_gemm(G, P, K, M, w.w1, dst, HW, true);
+            }
           } else if (cl) {
-            igrad_gemm(G, P, K, M, w.w1, gxs.get(), M, false);
+            igrad_gemm(G, P, K, M, w.w1, w.w1n, gxs.get(), M);
             scalar_t* dst = gx + (b0 * HW + r0 * W) * M;
             for (int64_t i = 0; i < P * M; ++i) dst[i] = scalar_t(gxs.get()[i]);
+          } else if (gx_panels && !G.cm) {
+            // Channels-last scratch, then each image's rows transposed into gx.
+            igrad_gemm(G, P, K, M, w.w1, w.w1n, gxs.get(), M);
+            const int64_t run = rows * W;
+            for (int64_t i = 0; i < nbt; ++i) {
+              scalar_t* d = gx + (b0 + i) * M * HW + r0 * W;
+              const acc_t* src = gxs.get() + i * run * M;
+              if constexpr (same) {
+                transpose(run, M, src, M, reinterpret_cast<acc_t*>(d), HW);
+              } else {
+                for (int64_t m = 0; m < M; ++m) {
+                  for (int64_t k = 0; k < run; ++k) d[m * HW + k] = scalar_t(src[k * M + m]);
+                }
+              }
+            }
           } else {
             igrad_gemm(G, P, K, M, w.w1, gxs.get(), P, true);
             const int64_t run = rows * W;
@@ -703,6 +739,11 @@ class PackedWeights {
     const int64_t o_taps = take(true, KK * Np), o_bias = take(true, Np);
     const int64_t o_scale = take(true, Np), o_shift = take(true, Np);
     const int64_t o_wpt = take(K <= kSmallProjK, K * Np);
+    constexpr bool panels = std::is_same_v<acc_t, float>;
+    const int64_t o_wvp = take(panels, K * N);
+    const int64_t o_w1p = take(panels && pw2.has_value(), g.M * g.Mmid);
+    const int64_t o_w1n = take(panels, g.proj1_rows() * g.M);
+    const int64_t o_w2n = take(panels && pw2.has_value(), N * g.Mmid);
     buf_ = at::empty({total}, pw1.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     acc_t* B = buf_.data_ptr<acc_t>();
 
@@ -749,6 +790,27 @@ class PackedWeights {
     w_.wpt = o_wpt >= 0
                  ? transpose((pw2 ? p2_ : p1_).const_data_ptr<scalar_t>(), K, o_wpt)
                  : nullptr;
+    // GEMM panels of W [rows][cols] (op(B) = W, k = rows) or of W^T (k = cols), panel groups
+    // packed in parallel.
+    auto panels_of = [&](const acc_t* src, int64_t rows, int64_t cols, bool trans,
+                         int64_t off) -> acc_t* {
+      if (off < 0) return nullptr;
+      acc_t* d = B + off;
+      if constexpr (panels) {
+        const int64_t k = trans ? cols : rows, n = trans ? rows : cols;
+        at::parallel_for(0, ceil_div(n, kPanel), 16384 / std::max<int64_t>(k, 1) + 1,
+                         [&](int64_t p0, int64_t p1) {
+                           const int64_t j0 = p0 * kPanel, j1 = std::min(n, p1 * kPanel);
+                           pack_panels(trans, k, j1 - j0, src + j0 * (trans ? cols : 1), cols,
+                                       d + j0 * k);
+                         });
+      }
+      return d;
+    };
+    w_.wvp = panels_of(pw2 ? w_.w2 : w_.w1, N, K, true, o_wvp);
+    w_.w1p = panels_of(w_.w1, g.Mmid, g.M, true, o_w1p);
+    w_.w1n = panels_of(w_.w1, g.proj1_rows(), g.M, false, o_w1n);
+    w_.w2n = panels_of(w_.w2, N, g.Mmid, false, o_w2n);
   }
   const Weights<acc_t>& get() const { return w_; }
 
@@ -778,13 +840,18 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
     }
     return y;
   }
-  const at::Tensor xc = standard_layout(x, fmt);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  // BSConv-U with an NCHW float x whose projection runs as a GEMM (not the small-K loops):
+  // x is copied to channels-last once, so that the GEMMs read it as rows of pixels (packing
+  // channel-major tiles for every channel chunk costs more).
+  const bool x_cl = cl || (x.scalar_type() == at::kFloat && !pw2 &&
+                           (g.M > kSmallProjK || !small_proj_enabled<float>()));
+  const at::Tensor xc = standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "bsconv_forward", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const PackedWeights<scalar_t, acc_t> wt(g, pw1, pw2, dw, bias, scale, shift);
-        forward_kernel<scalar_t, acc_t>(g, xc.const_data_ptr<scalar_t>(), cl, wt.get(),
+        forward_kernel<scalar_t, acc_t>(g, xc.const_data_ptr<scalar_t>(), x_cl, cl, wt.get(),
                                         y.data_ptr<scalar_t>());
       });
   return y;
@@ -822,7 +889,11 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pw
   if (mask[kGbias] && g.B == 0) gbias.zero_();
 
   {
-    const at::Tensor xc = work ? standard_layout(x, fmt) : x;
+    // As in the forward: an NCHW float x whose projection runs as a GEMM is read channels-last.
+    const bool x_cl = cl || (x.scalar_type() == at::kFloat && !pw2 &&
+                             (g.M > kSmallProjK || !small_proj_enabled<float>()));
+    const at::Tensor xc =
+        work ? standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt) : x;
     const at::Tensor gyc = g.B > 0 ? standard_layout(grad_y, fmt) : grad_y;
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, x.scalar_type(), "bsconv_backward", [&] {
@@ -841,7 +912,7 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pw
             const PartialLayout lay(g, mask);
             if (lay.size > 0 || mask[kGx]) {
               backward_kernel<scalar_t, acc_t>(g, gyc.const_data_ptr<scalar_t>(),
-                                               xc.const_data_ptr<scalar_t>(), cl,
+                                               xc.const_data_ptr<scalar_t>(), x_cl, cl,
                                                wt.get(), mask,
                                                mask[kGx] ? gx.data_ptr<scalar_t>() : nullptr,
                                                out);

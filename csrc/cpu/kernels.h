@@ -104,6 +104,11 @@ struct Weights {
   int64_t Np;          // N rounded up to kLanes
   const acc_t* wpt;    // [K][Np]: the projection into v (w1, or w2 for BSConv-S) transposed,
                        // when K <= kSmallProjK (small projections run proj_b8); else nullptr
+  // float only (else nullptr): the GEMM operands packed once per call (pack_panels, gemm.h).
+  const acc_t* wvp;    // the projection into v transposed, [K][N]
+  const acc_t* w1p;    // BSConv-S: w1 transposed, [M][Mmid]
+  const acc_t* w1n;    // w1 as it is, [proj1_rows][M] (input gradients)
+  const acc_t* w2n;    // BSConv-S: w2 as it is, [N][Mmid]
 };
 
 // Runs `body(worker)` on every thread of the intra-op pool; tasks are claimed from a shared
@@ -226,11 +231,38 @@ void proj_gemm(const Operand<T>& X, int64_t P, int64_t N, int64_t K, const T* W,
                int64_t ldy, bool y_cm) {
   pixel_gemm(X, P, N, K, W, true, Y, ldy, y_cm);
 }
+// Output channels [n0, n0 + N) of the projection: Y[P][N] = X[P][K] W[n0 : n0 + N]^T, from
+// the packed W^T (`panels`, pack_panels; n0 a multiple of kPanel) when there is one and X is
+// channels-last.
+template <typename T>
+void proj_gemm(const Operand<T>& X, int64_t P, int64_t n0, int64_t N, int64_t K, const T* W,
+               const T* panels, T* Y, int64_t ldy) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (panels != nullptr && !X.cm) {
+      gemm_packed(P, N, K, X.ptr, X.ld, panels + n0 * K, Y, ldy, false);
+      return;
+    }
+  }
+  proj_gemm(X, P, N, K, W + n0 * K, Y, ldy, false);
+}
 // Its input gradient: Z[P][K] = Y[P][N] W (W: [N][K]).
 template <typename T>
 void igrad_gemm(const Operand<T>& Y, int64_t P, int64_t N, int64_t K, const T* W, T* Z,
                 int64_t ldz, bool z_cm) {
   pixel_gemm(Y, P, K, N, W, false, Z, ldz, z_cm);
+}
+// The same from channels-last Y into channels-last Z with W packed by pack_panels (`panels`,
+// nullptr if not packed).
+template <typename T>
+void igrad_gemm(const Operand<T>& Y, int64_t P, int64_t N, int64_t K, const T* W,
+                const T* panels, T* Z, int64_t ldz) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (panels != nullptr && !Y.cm) {
+      gemm_packed(P, K, N, Y.ptr, Y.ld, panels, Z, ldz, false);
+      return;
+    }
+  }
+  igrad_gemm(Y, P, N, K, W, Z, ldz, false);
 }
 // Its weight gradient: G[N][K] = beta G + Y^T X (Y: [P][N], X: [P][K]; G row-major).
 template <typename T>

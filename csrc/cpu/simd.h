@@ -247,6 +247,20 @@ void b8_to_cm_generic(const S* src, int64_t scbs, int64_t pixels, int64_t rows, 
 }
 
 #if BSCONV_X86_AVX2
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (in 8 x 8 tiles: both sides of a
+// tile stay in a few cache lines).
+template <typename T>
+void transpose_generic(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst,
+                       int64_t ldd) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 8) {
+      for (int64_t c = c0; c < std::min(cols, c0 + 8); ++c) {
+        for (int64_t r = r0; r < std::min(rows, r0 + 8); ++r) dst[c * ldd + r] = src[r * lds + c];
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // AVX2 / FMA float loops.
 
@@ -803,6 +817,25 @@ BSCONV_AVX2 inline void b8_to_cm_avx2(const float* src, int64_t scbs, int64_t pi
   }
 }
 
+BSCONV_AVX2 inline void transpose_avx2(int64_t rows, int64_t cols, const float* src,
+                                       int64_t lds, float* dst, int64_t ldd) {
+  const int64_t R8 = rows / 8 * 8, C8 = cols / 8 * 8;
+  for (int64_t r0 = 0; r0 < R8; r0 += 8) {
+    for (int64_t c0 = 0; c0 < C8; c0 += 8) {
+      __m256 t[8];
+      for (int i = 0; i < 8; ++i) t[i] = _mm256_loadu_ps(src + (r0 + i) * lds + c0);
+      transpose8_regs_avx2(t);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (c0 + i) * ldd + r0, t[i]);
+    }
+    for (int64_t c = C8; c < cols; ++c) {
+      for (int64_t r = r0; r < r0 + 8; ++r) dst[c * ldd + r] = src[r * lds + c];
+    }
+  }
+  for (int64_t r = R8; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
+}
+
 #endif  // BSCONV_X86_AVX2
 
 // ---------------------------------------------------------------------------------------------
@@ -916,6 +949,16 @@ void b8_to_cm(const S* src, int64_t scbs, int64_t pixels, int64_t rows, D* dst, 
   }
 #endif
   b8_to_cm_generic(src, scbs, pixels, rows, dst, dld);
+}
+
+template <typename T>
+void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
+#if BSCONV_X86_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2_enabled()) return transpose_avx2(rows, cols, src, lds, dst, ldd);
+  }
+#endif
+  transpose_generic(rows, cols, src, lds, dst, ldd);
 }
 
 }  // namespace bsconv::cpu
