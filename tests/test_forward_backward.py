@@ -149,11 +149,12 @@ def check_lowp(plo, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("variant", ["u", "s"])
-@pytest.mark.parametrize("B,H,W", [(1, 13, 9), (3, 5, 6)])
+@pytest.mark.parametrize("B,H,W", [(1, 17, 16), (3, 10, 9), (2, 5, 6)])
 def test_gemm_projections(dtype, layout, variant, B, H, W):
-    # More than 64 input channels: the projections and their adjoints run as packed-panel GEMMs
-    # (float32 NCHW x is read channels-last, gx transposed back), with N and M' not multiples
-    # of the 32-column panels; one image in bands, or small images in groups.
+    # More than 64 input channels: the projections and their adjoints run as GEMMs, with N and
+    # M' not multiples of the 32-column panels. From 256 pixels per call on weights packed once
+    # (float32 NCHW x read channels-last, gx transposed back): one image in bands, or small
+    # images in groups; below that (2 x 5 x 6) by the BLAS.
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     p = make_problem(variant, B=B, M=80, N=168, mid=36, H=H, W=W, padding=1, stride=(1, 2),
                      padding_mode="replicate", mid_activation="relu6", mid_affine=True)

@@ -147,44 +147,11 @@ inline GemmScratch& gemm_scratch() {
   return s;
 }
 
-inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-                 const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-                 int64_t ldc) {
+// The BLAS (or the loop nest), as given.
+inline void gemm_blas(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                      const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                      float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (k > 0 && alpha == 1.f && (beta == 0.f || beta == 1.f)) {
-    // The micro-kernel takes row-major A and packed B; transposes are arranged so that the
-    // large operands are packed by plain row copies where possible.
-    GemmScratch& s = gemm_scratch();
-    const bool acc = beta == 1.f;
-    if (!trans_a) {
-      float* bp = s.get(0, k * n);
-      pack_panels(trans_b, k, n, b, ldb, bp);
-      gemm_packed(m, n, k, a, lda, bp, c, ldc, acc);
-    } else if (trans_b && m < k) {
-      // C^T = B A with both as stored ([n][k] x [k][m], the k-long A copied by rows), then
-      // C (+)= (C^T)^T: cheaper than transposing A and B when the result is the small side.
-      float* ap = s.get(0, k * m);
-      pack_panels(false, k, m, a, lda, ap);
-      float* ct = s.get(1, n * m);
-      gemm_packed(n, m, k, b, ldb, ap, ct, m, false);
-      if (!acc) {
-        transpose(n, m, ct, m, c, ldc);
-      } else {
-        float* t = s.get(2, m * n);
-        transpose(n, m, ct, m, t, n);
-        for (int64_t i = 0; i < m; ++i) {
-          for (int64_t j = 0; j < n; ++j) c[i * ldc + j] += t[i * n + j];
-        }
-      }
-    } else {
-      float* at = s.get(1, m * k);
-      transpose(k, m, a, lda, at, k);
-      float* bp = s.get(0, k * n);
-      pack_panels(trans_b, k, n, b, ldb, bp);
-      gemm_packed(m, n, k, at, k, bp, c, ldc, acc);
-    }
-    return;
-  }
   if (sgemm_ != nullptr && k > 0) {
     // Row-major C = A B is column-major C^T = B^T A^T: swap the operands, keep the flags.
     const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
@@ -194,6 +161,47 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
     return;
   }
   gemm_fallback<float>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// The micro-kernel on operands packed for this call. Transposes are arranged so that the
+// large operands are packed by plain row copies where possible; the BLAS takes what packing
+// cannot pay for (a transposed A of fewer than 32 rows: the brgemm calls would be too short).
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                 const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                 int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const bool packed = k > 0 && alpha == 1.f && (beta == 0.f || beta == 1.f) &&
+                      !(trans_a && !trans_b && m < 32);
+  if (!packed) return gemm_blas(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  GemmScratch& s = gemm_scratch();
+  const bool acc = beta == 1.f;
+  if (!trans_a) {
+    float* bp = s.get(0, k * n);
+    pack_panels(trans_b, k, n, b, ldb, bp);
+    gemm_packed(m, n, k, a, lda, bp, c, ldc, acc);
+  } else if (trans_b && m < k) {
+    // C^T = B A with both as stored ([n][k] x [k][m], the k-long A copied by rows), then
+    // C (+)= (C^T)^T: cheaper than transposing A and B when the result is the small side.
+    float* ap = s.get(0, k * m);
+    pack_panels(false, k, m, a, lda, ap);
+    float* ct = s.get(1, n * m);
+    gemm_packed(n, m, k, b, ldb, ap, ct, m, false);
+    if (!acc) {
+      transpose(n, m, ct, m, c, ldc);
+    } else {
+      float* t = s.get(2, m * n);
+      transpose(n, m, ct, m, t, n);
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < n; ++j) c[i * ldc + j] += t[i * n + j];
+      }
+    }
+  } else {
+    float* at = s.get(1, m * k);
+    transpose(k, m, a, lda, at, k);
+    float* bp = s.get(0, k * n);
+    pack_panels(trans_b, k, n, b, ldb, bp);
+    gemm_packed(m, n, k, at, k, bp, c, ldc, acc);
+  }
 }
 
 inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
@@ -208,6 +216,12 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, do
     return;
   }
   gemm_fallback<double>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+inline void gemm_blas(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
+                      const double* a, int64_t lda, const double* b, int64_t ldb, double beta,
+                      double* c, int64_t ldc) {
+  gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 }  // namespace bsconv::cpu

@@ -45,7 +45,7 @@ namespace bsconv::cpu {
 enum ScratchSlot : int {
   kSlotFwdVt = 0, kSlotFwdV, kSlotFwdZero, kSlotFwdOut, kSlotFwdX, kSlotFwdU, kSlotFwdVg,
   kSlotBwdU, kSlotBwdPartials, kSlotBwdV, kSlotBwdA, kSlotBwdGvb, kSlotBwdGc, kSlotBwdGu,
-  kSlotBwdGy, kSlotBwdX, kSlotBwdGx, kSlotBwdGb, kSlotBwdDsc, kSlotBwdDsh,
+  kSlotBwdGy, kSlotBwdX, kSlotBwdGx, kSlotBwdGb, kSlotBwdDsc, kSlotBwdDsh, kSlotWeights,
   kNumSlots
 };
 
@@ -91,6 +91,14 @@ class Scratch {
  private:
   T* ptr_ = nullptr;
 };
+
+// Whether the projection weights are packed into GEMM panels once per call (float only): the
+// packing costs about as much as the micro-kernel gains over the BLAS on ~100-250 pixels, so
+// it pays from this many pixels per call.
+constexpr int64_t kPanelMinPixels = 256;
+inline bool use_panels(const Geometry& g, bool is_float) {
+  return is_float && g.B * g.H * g.W >= kPanelMinPixels;
+}
 
 // Weights in the accumulation type, in the layouts the kernels read.
 template <typename acc_t>
@@ -215,14 +223,20 @@ Operand<T> image_operand(const Image<S>& img, int64_t H, int64_t W, int64_t b0, 
 // outputs - few channels - much faster with the pixels in the leading dimension, so u and its
 // gradient are kept channel-major, v and gv channels-last for the B8 copies).
 // Z[P][C] = A[P][R] op(W), W row-major; op(W) = W^T (W: [C][R], `w_t`) or W (W: [R][C]).
+// `blas`: the BLAS as given, without packing W for this call (gemm.h).
 template <typename T>
 void pixel_gemm(const Operand<T>& A, int64_t P, int64_t C, int64_t R, const T* W, bool w_t,
-                T* Z, int64_t ldz, bool z_cm) {
+                T* Z, int64_t ldz, bool z_cm, bool blas = false) {
   const int64_t ldw = w_t ? R : C;
+  auto run = [blas](bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                    int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+    if (blas) return gemm_blas(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  };
   if (z_cm) {
-    gemm(!w_t, !A.cm, C, P, R, T(1), W, ldw, A.ptr, A.ld, T(0), Z, ldz);
+    run(!w_t, !A.cm, C, P, R, T(1), W, ldw, A.ptr, A.ld, T(0), Z, ldz);
   } else {
-    gemm(A.cm, w_t, P, C, R, T(1), A.ptr, A.ld, W, ldw, T(0), Z, ldz);
+    run(A.cm, w_t, P, C, R, T(1), A.ptr, A.ld, W, ldw, T(0), Z, ldz);
   }
 }
 // Projection: Y[P][N] = X[P][K] W^T (W: [N][K]).
@@ -231,9 +245,10 @@ void proj_gemm(const Operand<T>& X, int64_t P, int64_t N, int64_t K, const T* W,
                int64_t ldy, bool y_cm) {
   pixel_gemm(X, P, N, K, W, true, Y, ldy, y_cm);
 }
-// Output channels [n0, n0 + N) of the projection: Y[P][N] = X[P][K] W[n0 : n0 + N]^T, from
-// the packed W^T (`panels`, pack_panels; n0 a multiple of kPanel) when there is one and X is
-// channels-last.
+// Output channels [n0, n0 + N) of the projection into channels-last Y:
+// Y[P][N] = X[P][K] W[n0 : n0 + N]^T, on the W^T packed once per call (`panels`, pack_panels;
+// n0 a multiple of kPanel) when there is one, else by the BLAS (packing the weights for every
+// tile would cost more than the micro-kernel gains; see use_panels).
 template <typename T>
 void proj_gemm(const Operand<T>& X, int64_t P, int64_t n0, int64_t N, int64_t K, const T* W,
                const T* panels, T* Y, int64_t ldy) {
@@ -243,7 +258,7 @@ void proj_gemm(const Operand<T>& X, int64_t P, int64_t n0, int64_t N, int64_t K,
       return;
     }
   }
-  proj_gemm(X, P, N, K, W + n0 * K, Y, ldy, false);
+  pixel_gemm(X, P, N, K, W + n0 * K, true, Y, ldy, false, panels == nullptr);
 }
 // Its input gradient: Z[P][K] = Y[P][N] W (W: [N][K]).
 template <typename T>
@@ -262,7 +277,7 @@ void igrad_gemm(const Operand<T>& Y, int64_t P, int64_t N, int64_t K, const T* W
       return;
     }
   }
-  igrad_gemm(Y, P, N, K, W, Z, ldz, false);
+  pixel_gemm(Y, P, K, N, W, false, Z, ldz, false, panels == nullptr);
 }
 // Its weight gradient: G[N][K] = beta G + Y^T X (Y: [P][N], X: [P][K]; G row-major).
 template <typename T>
