@@ -132,14 +132,15 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
   const int64_t C = S ? g.Mmid : g.M;  // input channels of the projection into v
   // proj_b8 (register tiles) takes small projections of channel-major x, MKL the others.
   const bool gemm_proj = w.wpt == nullptr || x_cl || !small_proj_enabled<acc_t>();
-  const ForwardPlan plan = forward_plan(g, sizeof(acc_t), at::get_num_threads(), gemm_proj);
+  const int64_t threads = useful_threads(forward_flops(g));
+  const ForwardPlan plan = forward_plan(g, sizeof(acc_t), threads, gemm_proj);
   const PaddedCols cols(g);
   const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, N = g.N, HoWo = Ho * Wo;
   const int64_t ncp_max = round_up(plan.nc, kLanes), S_ = plan.slots, Wp = cols.Wp_alloc;
   constexpr bool same_out = std::is_same_v<scalar_t, acc_t>;
   const int64_t cbs = S_ * Wp * kLanes;  // channel-block stride of the v slots (B8)
 
-  run_workers(plan.tasks(g.B), [&](auto next) {
+  run_workers(plan.tasks(g.B), threads, [&](auto next) {
     Scratch<acc_t> Vt(kSlotFwdVt, S_ * W * ncp_max, false), V(kSlotFwdV, S_ * Wp * ncp_max);
     Scratch<acc_t> zero_row(kSlotFwdZero, Wp * kLanes);
     Scratch<acc_t> obuf(kSlotFwdOut, plan.ob * Wo * ncp_max, false);
@@ -385,7 +386,10 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
   const int64_t GL = -off_lo, GWp = GL + std::max(Wo, T_max + off_hi);
   for (auto& o : ph_off) o += GL;
   const int64_t gcbs = orows_max * GWp * kLanes;  // channel-block stride of the gy rows (B8)
-  run_workers(groups, [&](auto next) {
+  // About three forwards of work (the recompute and the two adjoints of each projection, the
+  // transposed depthwise and the blueprint correlation).
+  const int64_t threads = useful_threads(3 * forward_flops(g));
+  run_workers(groups, threads, [&](auto next) {
     // V: pre-activation v (CL); AG: act(v) (B8), later gv (CL); gvb: gv (B8).
     // V: pre-activation v (CL); AG: act(v) (padded B8 rows); gvb: gv (B8); GC: gv (CL).
     Scratch<acc_t> V(kSlotBwdV, P_max * Np, false), AG(kSlotBwdA, need_gb ? rows_max * Wa * Np : 0);
@@ -439,7 +443,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
             // One task: the two halves of the channels on two threads (the same two GEMMs
             // on one thread, so the split does not depend on the thread count).
             const int64_t N1 = round_up(N / 2, kPanel);
-            run_pair([&] { proj_gemm(Xv, P, 0, N1, Kv, wv, w.wvp, V.get(), Np); },
+            run_pair(threads > 1, [&] { proj_gemm(Xv, P, 0, N1, Kv, wv, w.wvp, V.get(), Np); },
                      [&] { proj_gemm(Xv, P, N1, N - N1, Kv, wv, w.wvp, V.get() + N1, Np); });
           } else {
             proj_gemm(Xv, P, 0, N, Kv, wv, w.wvp, V.get(), Np);
@@ -566,6 +570,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
         if (S) {
           const bool gu = mask[kGw1] || mask[kGx];
           run_pair(
+              threads > 1,
               [&] {
                 if (!mask[kGw2]) return;
                 wgrad_gemm(P, N, Mm, G, Ut, beta, direct_w ? out_w2 : part + lay.w2);
@@ -627,7 +632,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
             }
           }
         };
-        run_pair(gw1, gxf);
+        run_pair(threads > 1, gw1, gxf);
       }
     }
   });
@@ -660,8 +665,9 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
 template <typename scalar_t, typename acc_t>
 void bias_grad_kernel(const Geometry& g, const scalar_t* gy, bool cl, scalar_t* out) {
   const int64_t N = g.N, HoWo = g.Ho * g.Wo;
+  constexpr int64_t kGrain = 32768;  // elements of gy per parallel piece, at least
   if (!cl) {
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, ceil_div(kGrain, g.B * HoWo), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         for (int64_t b = 0; b < g.B; ++b) {
@@ -680,7 +686,7 @@ void bias_grad_kernel(const Geometry& g, const scalar_t* gy, bool cl, scalar_t* 
   const int64_t pixels = g.B * HoWo;
   const int64_t parts = std::clamp<int64_t>(pixels / 256, 1, 16);
   std::vector<acc_t> partial(parts * N, acc_t(0));
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, parts, ceil_div(kGrain * parts, pixels * N), [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
       acc_t* s = partial.data() + q * N;
       for (int64_t p = q * pixels / parts; p < (q + 1) * pixels / parts; ++p) {

@@ -119,13 +119,31 @@ struct Weights {
   const acc_t* w2n;    // BSConv-S: w2 as it is, [N][Mmid]
 };
 
-// Runs `body(worker)` on every thread of the intra-op pool; tasks are claimed from a shared
-// counter, so a thread slowed down by other load takes fewer of them. (Results never depend on
-// which thread ran a task.) The BLAS stays single-threaded inside.
+// Threads worth using for `flops` of work: a thread of the intra-op pool costs ~10 us to wake
+// and join, and the work split for it (bands that recompute their halo rows, partial sums)
+// more; below ~2 MFLOP per thread the second thread made the CIFAR layers slower, not faster
+// (16->16 32x32 B=1 forward: 62 us on one thread, 73 us on two, on the 2-core build machine).
+constexpr double kFlopsPerThread = 2e6;
+inline int64_t useful_threads(double flops) {
+  return std::clamp<int64_t>(int64_t(flops / kFlopsPerThread), 1,
+                             std::max(1, at::get_num_threads()));
+}
+
+// The forward's multiply-adds times two: the projection(s) on the input pixels, the depthwise
+// on the output pixels.
+inline double forward_flops(const Geometry& g) {
+  const double proj = g.subspace() ? double(g.Mmid) * (g.M + g.N) : double(g.M) * g.N;
+  return 2.0 * g.B * (double(g.H) * g.W * proj + double(g.Ho) * g.Wo * g.N * g.taps());
+}
+
+// Runs `body(worker)` on up to `max_workers` threads of the intra-op pool; tasks are claimed
+// from a shared counter, so a thread slowed down by other load takes fewer of them. (Results
+// never depend on which thread ran a task.) The BLAS stays single-threaded inside.
 template <typename F>
-void run_workers(int64_t tasks, F body) {
+void run_workers(int64_t tasks, int64_t max_workers, F body) {
   if (tasks <= 0) return;
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  const int64_t workers =
+      std::max<int64_t>(1, std::min<int64_t>({int64_t(at::get_num_threads()), tasks, max_workers}));
   std::atomic<int64_t> next{0};
   if (workers == 1) {
     // On the calling thread, outside any parallel region: the body may fork (run_pair).
@@ -145,12 +163,12 @@ void run_workers(int64_t tasks, F body) {
   });
 }
 
-// Runs two independent pieces of work, on two threads of the pool when called outside a
-// parallel region with more than one thread (each piece single-threaded inside, so the results
-// do not depend on whether they ran in parallel).
+// Runs two independent pieces of work, on two threads of the pool when `parallel` and called
+// outside a parallel region with more than one thread (each piece single-threaded inside, so
+// the results do not depend on whether they ran in parallel).
 template <typename F, typename G>
-void run_pair(F f, G g) {
-  if (at::get_num_threads() < 2 || at::in_parallel_region()) {
+void run_pair(bool parallel, F f, G g) {
+  if (!parallel || at::get_num_threads() < 2 || at::in_parallel_region()) {
     f();
     g();
     return;
