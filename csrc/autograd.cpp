@@ -113,11 +113,30 @@ class BSConvFunction : public torch::autograd::Function<BSConvFunction> {
   }
 };
 
+// Whether the call needs autograd's bookkeeping: an input that requires grad (with grad mode
+// on), or one that carries a forward-mode tangent (which BSConvFunction rejects, as before).
+bool needs_autograd(std::initializer_list<const Tensor*> ts) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  for (const Tensor* t : ts) {
+    if (t == nullptr || !t->defined()) continue;
+    if ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined()) return true;
+  }
+  return false;
+}
+
+const Tensor* ptr(const OptTensor& t) { return t ? &*t : nullptr; }
+
 Tensor forward_autograd(const Tensor& x, const Tensor& pw1, const OptTensor& pw2,
                         const Tensor& dw, const OptTensor& bias, const OptTensor& scale,
                         const OptTensor& shift, c10::IntArrayRef stride,
                         c10::IntArrayRef padding, c10::IntArrayRef dilation,
                         int64_t padding_mode, int64_t activation) {
+  if (!needs_autograd({&x, &pw1, ptr(pw2), &dw, ptr(bias), ptr(scale), ptr(shift)})) {
+    // Inference (no_grad, or nothing requires grad): no graph node, nothing saved.
+    at::AutoDispatchBelowADInplaceOrView below;
+    return call_forward(x, pw1, pw2, dw, bias, scale, shift, stride, padding, dilation,
+                        padding_mode, activation);
+  }
   return BSConvFunction::apply(x, pw1, pw2, dw, bias, scale, shift, stride, padding, dilation,
                                padding_mode, activation);
 }

@@ -238,8 +238,9 @@ Operand<T> image_operand(const Image<S>& img, int64_t H, int64_t W, int64_t b0, 
 }
 
 // The GEMMs of the projections, on per-pixel matrices of either layout (MKL runs narrow
-// outputs - few channels - much faster with the pixels in the leading dimension, so u and its
-// gradient are kept channel-major, v and gv channels-last for the B8 copies).
+// outputs - few channels - much faster with the pixels in the leading dimension, so without
+// packed weights u and its gradient are kept channel-major; v and gv are channels-last for the
+// B8 copies).
 // Z[P][C] = A[P][R] op(W), W row-major; op(W) = W^T (W: [C][R], `w_t`) or W (W: [R][C]).
 // `blas`: the BLAS as given, without packing W for this call (gemm.h).
 template <typename T>
@@ -271,8 +272,17 @@ template <typename T>
 void proj_gemm(const Operand<T>& X, int64_t P, int64_t n0, int64_t N, int64_t K, const T* W,
                const T* panels, T* Y, int64_t ldy) {
   if constexpr (std::is_same_v<T, float>) {
-    if (panels != nullptr && !X.cm) {
-      gemm_packed(P, N, K, X.ptr, X.ld, panels + n0 * K, Y, ldy, false);
+    if (panels != nullptr) {
+      const float* a = X.ptr;
+      int64_t lda = X.ld;
+      if (X.cm) {
+        // Channel-major X (BSConv-S's u from NCHW x): its few channels transposed to rows.
+        float* t = gemm_scratch().get(1, P * K);
+        transpose(K, P, X.ptr, X.ld, t, K);
+        a = t;
+        lda = K;
+      }
+      gemm_packed(P, N, K, a, lda, panels + n0 * K, Y, ldy, false);
       return;
     }
   }
