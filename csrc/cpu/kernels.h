@@ -16,7 +16,10 @@
 // group of tasks, summed in group order (deterministic, independent of the thread count).
 //
 // Both x and y / gx / gy have standard NCHW or channels-last strides (the host makes sure).
-// The projection GEMMs read x in place when its dtype is the accumulation type.
+// The projection GEMMs read x in place when its dtype is the accumulation type, except an
+// NCHW float x of a BSConv-U projection that runs on packed weights (use_panels): the host
+// copies it to channels-last once, and y / gx stay NCHW. The float GEMMs run on oneDNN's
+// brgemm micro-kernel with B packed into panels (gemm.h).
 #pragma once
 
 #include <ATen/Parallel.h>
