@@ -118,8 +118,8 @@ Operand<acc_t> project_u(const Geometry& g, const Operand<acc_t>& X, int64_t P,
 }
 
 // Forward: one task per (image, channel chunk, band of output rows). BSConv-U projects x rows
-// with w1; BSConv-S first projects them to u rows with w1 (channel-major scratch, only the rows
-// of the current block) and those with w2. The GEMM writes v rows channels-last,
+// with w1; BSConv-S first projects them to u rows with w1 (project_u, only the rows of the
+// current block) and those with w2. The GEMM writes v rows channels-last,
 // they move to B8 slots (with the mid transform), the depthwise writes CL rows or B8 rows that
 // are transposed into NCHW y rows.
 template <typename scalar_t, typename acc_t>
@@ -130,7 +130,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
   const bool S = g.subspace();
   const acc_t* wp = S ? w.w2 : w.w1;
   const int64_t C = S ? g.Mmid : g.M;  // input channels of the projection into v
-  // proj_b8 (register tiles) takes small projections of channel-major x, MKL the others.
+  // proj_b8 (register tiles) takes small projections of channel-major x, GEMMs the others.
   const bool gemm_proj = w.wpt == nullptr || x_cl || !small_proj_enabled<acc_t>();
   const int64_t threads = useful_threads(forward_flops(g));
   const ForwardPlan plan = forward_plan(g, sizeof(acc_t), threads, gemm_proj);
@@ -844,6 +844,15 @@ class PackedWeights {
   Weights<acc_t> w_{};
 };
 
+// BSConv-U with an NCHW float x whose projection runs as a GEMM on packed weights (not the
+// small-K loops): the kernels read a channels-last copy of x, made once per call, so that the
+// GEMMs see rows of pixels (packing channel-major tiles for every channel chunk costs more);
+// y and gx stay NCHW.
+bool nchw_x_read_channels_last(const Geometry& g, const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat && !g.subspace() && use_panels(g, true) &&
+         (g.M > kSmallProjK || !small_proj_enabled<float>());
+}
+
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
                        const std::optional<at::Tensor>& pw2, const at::Tensor& dw,
                        const std::optional<at::Tensor>& bias,
@@ -866,11 +875,7 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
     return y;
   }
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  // BSConv-U with an NCHW float x whose projection runs as a GEMM (not the small-K loops):
-  // x is copied to channels-last once, so that the GEMMs read it as rows of pixels (packing
-  // channel-major tiles for every channel chunk costs more).
-  const bool x_cl = cl || (x.scalar_type() == at::kFloat && !pw2 && use_panels(g, true) &&
-                           (g.M > kSmallProjK || !small_proj_enabled<float>()));
+  const bool x_cl = cl || nchw_x_read_channels_last(g, x);
   const at::Tensor xc = standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "bsconv_forward", [&] {
@@ -914,9 +919,7 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pw
   if (mask[kGbias] && g.B == 0) gbias.zero_();
 
   {
-    // As in the forward: an NCHW float x whose projection runs as a GEMM is read channels-last.
-    const bool x_cl = cl || (x.scalar_type() == at::kFloat && !pw2 && use_panels(g, true) &&
-                             (g.M > kSmallProjK || !small_proj_enabled<float>()));
+    const bool x_cl = cl || nchw_x_read_channels_last(g, x);
     const at::Tensor xc =
         work ? standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt) : x;
     const at::Tensor gyc = g.B > 0 ? standard_layout(grad_y, fmt) : grad_y;
