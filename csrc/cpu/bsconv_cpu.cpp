@@ -801,7 +801,7 @@ class PackedWeights {
     w_.scale = vec(s, o_scale, acc_t(1));
     w_.shift = vec(t, o_shift, acc_t(0));
     // taps[k][n] = dw[n][k]; wpt[k][n] = Wv[n][k] (small projections).
-    auto transpose = [&](const scalar_t* src, int64_t rows_k, int64_t off) {
+    auto transposed_padded = [&](const scalar_t* src, int64_t rows_k, int64_t off) {
       acc_t* d = B + off;
       std::fill(d, d + rows_k * Np, acc_t(0));
       for (int64_t n = 0; n < N; ++n) {
@@ -810,10 +810,10 @@ class PackedWeights {
       return d;
     };
     const at::Tensor dc = dwt.contiguous();
-    w_.taps = transpose(dc.const_data_ptr<scalar_t>(), KK, o_taps);
+    w_.taps = transposed_padded(dc.const_data_ptr<scalar_t>(), KK, o_taps);
     w_.Np = Np;
     w_.wpt = o_wpt >= 0
-                 ? transpose((pw2 ? p2_ : p1_).const_data_ptr<scalar_t>(), K, o_wpt)
+                 ? transposed_padded((pw2 ? p2_ : p1_).const_data_ptr<scalar_t>(), K, o_wpt)
                  : nullptr;
     // GEMM panels of W [rows][cols] (op(B) = W, k = rows) or of W^T (k = cols), panel groups
     // packed in parallel.

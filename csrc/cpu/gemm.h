@@ -73,6 +73,22 @@ void gemm_fallback(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
   }
 }
 
+// The BLAS (or the loop nest), as given.
+inline void gemm_blas(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                      const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                      float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (sgemm_ != nullptr && k > 0) {
+    // Row-major C = A B is column-major C^T = B^T A^T: swap the operands, keep the flags.
+    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+    const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb),
+              lc = int(ldc);
+    sgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+    return;
+  }
+  gemm_fallback<float>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
 // ---------------------------------------------------------------------------------------------
 // float GEMMs on packed panels.
 
@@ -115,8 +131,13 @@ inline void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t
     const int64_t kc = std::min(kChunkK, k - k0);
     for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
       const int64_t w = std::min(kPanel, n - j0);
+#ifdef CPUBLAS_BRGEMM_F32F32F32
       at::native::cpublas::brgemm(m, w, kc, lda, w, ldc, accumulate || k0 > 0, a + k0,
                                   bp + j0 * k + k0 * w, c + j0, false);
+#else  // a torch without the float brgemm: the BLAS on the same panels
+      gemm_blas(false, false, m, w, kc, 1.f, a + k0, lda, bp + j0 * k + k0 * w, w,
+                accumulate || k0 > 0 ? 1.f : 0.f, c + j0, ldc);
+#endif
     }
   }
 }
@@ -145,22 +166,6 @@ class GemmScratch {
 inline GemmScratch& gemm_scratch() {
   thread_local GemmScratch s;
   return s;
-}
-
-// The BLAS (or the loop nest), as given.
-inline void gemm_blas(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-                      const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
-                      float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (sgemm_ != nullptr && k > 0) {
-    // Row-major C = A B is column-major C^T = B^T A^T: swap the operands, keep the flags.
-    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-    const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb),
-              lc = int(ldc);
-    sgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
-    return;
-  }
-  gemm_fallback<float>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 // The micro-kernel on operands packed for this call. Transposes are arranged so that the
