@@ -246,7 +246,6 @@ void b8_to_cm_generic(const S* src, int64_t scbs, int64_t pixels, int64_t rows, 
   }
 }
 
-#if BSCONV_X86_AVX2
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (in 8 x 8 tiles: both sides of a
 // tile stay in a few cache lines).
 template <typename T>
@@ -261,6 +260,7 @@ void transpose_generic(int64_t rows, int64_t cols, const T* src, int64_t lds, T*
   }
 }
 
+#if BSCONV_X86_AVX2
 // ---------------------------------------------------------------------------------------------
 // AVX2 / FMA float loops.
 
