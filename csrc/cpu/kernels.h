@@ -403,7 +403,13 @@ struct BackwardPlan {
   int64_t groups = 1;  // weight-gradient partials
 };
 
-constexpr int64_t kBackwardBudget = 4 << 20;  // bytes of per-pixel scratch per task
+// Per-pixel scratch of one task, in bytes: the task's stages (recompute, gy rows, transposed
+// depthwise, layout change, GEMMs) each stream over all of its buffers, which stay in a core's
+// L2 at this size (with 4 MB they spilled to L3, and large images ran their backward ~25%
+// slower). At least kBackwardMinPixels pixels per task all the same, so that the GEMMs keep
+// enough rows and the gy halo rows stay a small part of a band.
+constexpr int64_t kBackwardBudget = 512 << 10;
+constexpr int64_t kBackwardMinPixels = 256;
 constexpr int64_t kPartialBudget = 8 << 20;   // bytes of weight-gradient partials
 
 // The split depends on the geometry only: the tasks and their groups fix the summation order
@@ -413,8 +419,8 @@ inline BackwardPlan backward_plan(const Geometry& g, int64_t bytes_per_pixel,
   BackwardPlan p;
   if (g.B == 0 || g.H == 0 || g.W == 0) return p;
   const int64_t HW = g.H * g.W;
-  const int64_t max_px =
-      std::max<int64_t>(g.W, kBackwardBudget / std::max<int64_t>(bytes_per_pixel, 1));
+  const int64_t max_px = std::max({g.W, kBackwardMinPixels,
+                                   kBackwardBudget / std::max<int64_t>(bytes_per_pixel, 1)});
   int64_t bands = ceil_div(HW, max_px), groups_of_images = g.B;
   auto count = [&] {
     bands = std::min(bands, g.H);
