@@ -284,10 +284,11 @@ inline void axis_entries(int64_t lo, int64_t count, int64_t size, int64_t pad_lo
   }
 }
 
-// Layout of one group's weight-gradient partials.
+// Layout of one group's weight-gradient partials (the bias gradient's too when the backward
+// kernel sums it, `bias`).
 struct PartialLayout {
-  int64_t w1 = 0, w2 = 0, dw = 0, scale = 0, shift = 0, size = 0;
-  PartialLayout(const Geometry& g, const Mask& mask) {
+  int64_t w1 = 0, w2 = 0, dw = 0, scale = 0, shift = 0, bias = 0, size = 0;
+  PartialLayout(const Geometry& g, const Mask& mask, bool with_bias) {
     auto take = [&](bool need, int64_t n) {
       const int64_t at = size;
       size += need ? n : 0;
@@ -298,8 +299,39 @@ struct PartialLayout {
     dw = take(mask[kGdw], g.N * g.taps());
     scale = take(mask[kGscale], g.N);
     shift = take(mask[kGshift], g.N);
+    bias = take(with_bias, g.N);
   }
 };
+
+// acc += the sum of p[0, count), in a fixed order (eight interleaved partial sums).
+template <typename scalar_t, typename acc_t>
+acc_t sum8(const scalar_t* p, int64_t count) {
+  acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    for (int k = 0; k < 8; ++k) s[k] += acc_t(p[i + k]);
+  }
+  for (; i < count; ++i) s[0] += acc_t(p[i]);
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+// acc[n] += the sum of gy over output rows [o0, o1) of image b, per channel n (fixed order).
+template <typename scalar_t, typename acc_t>
+void add_gy_rows(const Geometry& g, const scalar_t* gy, bool cl, int64_t b, int64_t o0,
+                 int64_t o1, acc_t* acc) {
+  const int64_t N = g.N, HoWo = g.Ho * g.Wo, count = (o1 - o0) * g.Wo;
+  if (count <= 0) return;
+  if (cl) {
+    const scalar_t* p = gy + (b * HoWo + o0 * g.Wo) * N;
+    for (int64_t q = 0; q < count; ++q, p += N) {
+      for (int64_t n = 0; n < N; ++n) acc[n] += acc_t(p[n]);
+    }
+    return;
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    acc[n] += sum8<scalar_t, acc_t>(gy + (b * N + n) * HoWo + o0 * g.Wo, count);
+  }
+}
 
 // Destinations of the weight gradients (nullptr: not asked for), dense, in the dtype of x.
 template <typename scalar_t>
@@ -309,6 +341,7 @@ struct GradOut {
   scalar_t* dw = nullptr;
   scalar_t* scale = nullptr;
   scalar_t* shift = nullptr;
+  scalar_t* bias = nullptr;  // set: the backward kernel sums the bias gradient too
 };
 
 template <typename scalar_t, typename acc_t>
@@ -316,7 +349,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
                      bool cl, const Weights<acc_t>& w, const Mask& mask, scalar_t* gx,
                      const GradOut<scalar_t>& out) {
   // x: channels-last when x_cl; gy and gx: channels-last when cl, else NCHW.
-  const PartialLayout lay(g, mask);
+  const PartialLayout lay(g, mask, out.bias != nullptr);
   const bool need_gv = mask[kGx] || mask[kGw1] || mask[kGw2] || mask[kGscale] || mask[kGshift];
   const bool need_gb = mask[kGdw];
   const bool S = g.subspace(), mid = g.has_mid();
@@ -329,12 +362,14 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
                       (Np * 3 + (S ? 2 * Mm : 0) + M + (mask[kGx] ? M : 0));
   const BackwardPlan plan = backward_plan(g, bpp, lay.size * int64_t(sizeof(acc_t)));
   // The regions of the partial layout and where their sums go.
-  const std::array<std::pair<int64_t, scalar_t*>, 5> regions = {
+  constexpr int kRegions = 6;
+  const std::array<std::pair<int64_t, scalar_t*>, kRegions> regions = {
       std::pair<int64_t, scalar_t*>{lay.w1, out.w1}, {lay.w2, out.w2}, {lay.dw, out.dw},
-      {lay.scale, out.scale}, {lay.shift, out.shift}};
-  const std::array<int64_t, 6> bounds = {lay.w1, lay.w2, lay.dw, lay.scale, lay.shift, lay.size};
+      {lay.scale, out.scale}, {lay.shift, out.shift}, {lay.bias, out.bias}};
+  const std::array<int64_t, kRegions + 1> bounds = {lay.w1,    lay.w2,    lay.dw,  lay.scale,
+                                                    lay.shift, lay.bias, lay.size};
   if (plan.tasks == 0) {
-    for (int r = 0; r < 5; ++r) {
+    for (int r = 0; r < kRegions; ++r) {
       if (regions[r].second) std::fill_n(regions[r].second, bounds[r + 1] - bounds[r], scalar_t(0));
     }
     return;
@@ -386,6 +421,15 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
   const int64_t GL = -off_lo, GWp = GL + std::max(Wo, T_max + off_hi);
   for (auto& o : ph_off) o += GL;
   const int64_t gcbs = orows_max * GWp * kLanes;  // channel-block stride of the gy rows (B8)
+  // The bias gradient: band k sums the gy rows [orow(k), orow(k + 1)), a partition of [0, Ho)
+  // (orow(k): the first output row that reads band k's first v row; rows no v row is read by
+  // belong to a neighbour). Those rows were just read into the B8 gy rows: cache-warm.
+  auto orow = [&](int64_t band) -> int64_t {
+    if (band <= 0) return 0;
+    if (band >= plan.bands) return Ho;
+    const int64_t r = band * plan.nr + g.pt - (g.Kh - 1) * g.dh;
+    return std::clamp<int64_t>(-floor_div(-r, g.sh), 0, Ho);
+  };
   // About three forwards of work (the recompute and the two adjoints of each projection, the
   // transposed depthwise and the blueprint correlation).
   const int64_t threads = useful_threads(3 * forward_flops(g));
@@ -408,7 +452,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
     std::vector<acc_t> gtmp(N);
     for (int64_t grp; (grp = next()) >= 0;) {
       acc_t* part = partials.get() + grp * lay.size;
-      std::fill(part + lay.dw, part + lay.size, acc_t(0));  // dw, scale, shift
+      std::fill(part + lay.dw, part + lay.size, acc_t(0));  // dw, scale, shift, bias
       const int64_t tb = grp * tasks / groups, te = (grp + 1) * tasks / groups;
       for (int64_t task = tb; task < te; ++task) {
         const acc_t beta = task == tb ? acc_t(0) : acc_t(1);  // first GEMM of a group sets
@@ -471,6 +515,9 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
             } else {
               cm_to_b8(gy + b * N * HoWo + oh * Wo, HoWo, Wo, N, d, gcbs, false, none, none, 0);
             }
+          }
+          if (out.bias != nullptr) {
+            add_gy_rows(g, gy, cl, b, orow(band), orow(band + 1), part + lay.bias);
           }
           // Padded column 0 of a gy row.
           auto grow = [&](int64_t oh) { return Gy.get() + (oh - oh_lo) * GWp * kLanes; };
@@ -641,7 +688,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
   // loops vectorize; each element is still summed in group order).
   at::parallel_for(0, lay.size, 16384, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum;
-    for (int r = 0; r < 5; ++r) {
+    for (int r = 0; r < kRegions; ++r) {
       scalar_t* dst = regions[r].second;
       const int64_t lo = std::max(begin, bounds[r]), hi = std::min(end, bounds[r + 1]);
       if (dst == nullptr || lo >= hi || (direct_w && r < 2)) continue;
@@ -936,9 +983,13 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pw
           out.dw = ptr(kGdw, gdw);
           out.scale = ptr(kGscale, gscale);
           out.shift = ptr(kGshift, gshift);
+          // The backward kernel sums the bias gradient too when it runs anyway (it reads gy);
+          // a bias gradient alone, or one without pixels, is a pass of its own.
+          bool bias_done = false;
           if (work) {
-            const PartialLayout lay(g, mask);
-            if (lay.size > 0 || mask[kGx]) {
+            if (PartialLayout(g, mask, false).size > 0 || mask[kGx]) {
+              out.bias = ptr(kGbias, gbias);
+              bias_done = out.bias != nullptr;
               backward_kernel<scalar_t, acc_t>(g, gyc.const_data_ptr<scalar_t>(),
                                                xc.const_data_ptr<scalar_t>(), x_cl, cl,
                                                wt.get(), mask,
@@ -951,7 +1002,7 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pw
               if (t->numel() > 0) t->zero_();
             }
           }
-          if (mask[kGbias] && g.B > 0) {
+          if (mask[kGbias] && g.B > 0 && !bias_done) {
             bias_grad_kernel<scalar_t, acc_t>(g, gyc.const_data_ptr<scalar_t>(), cl,
                                               gbias.data_ptr<scalar_t>());
           }
