@@ -270,6 +270,19 @@ def test_bias_gradient_over_bands(layout, K, stride, padding, dilation, mode, ma
     assert max_err(out[4], expected) <= 1e-12 * expected.abs().max().item()
 
 
+@pytest.mark.parametrize("variant", ["u", "s"])
+@pytest.mark.parametrize("K,stride,padding,dilation,mode", [
+    ((3, 3), 1, 1, 1, "zeros"), ((3, 3), 2, 1, 1, "reflect"), ((5, 5), 2, 7, 2, "zeros"),
+    ((3, 3), 3, 4, 1, "circular"),
+])
+def test_all_gradients_over_bands(variant, K, stride, padding, dilation, mode):
+    # Tall images: many backward bands, each reading the gy rows it shares with the previous
+    # band from the worker's ring instead of converting them again.
+    check_f64(make_problem(variant, B=2, M=6, N=12, mid=4, H=140, W=21, K=K, stride=stride,
+                           padding=padding, dilation=dilation, padding_mode=mode,
+                           mid_activation="relu", mid_affine=True))
+
+
 def test_fused_path_is_the_one_that_runs():
     p = make_problem("u", padding=1).cast(torch.float32)
     assert fused_op_ran(lambda: p.fused().sum().backward())

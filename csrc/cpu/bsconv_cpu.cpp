@@ -440,7 +440,11 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
     Scratch<acc_t> gvb(kSlotBwdGvb, need_gv ? P_max * Np : 0, false);
     Scratch<acc_t> GC(kSlotBwdGc, need_gv ? P_max * Np : 0, false);
     Scratch<acc_t> gU(kSlotBwdGu, S ? P_max * Mm : 0, false);
+    // gy rows (B8), a ring: output row oh in slot oh % orows_max. A band shares its first gy
+    // rows with the previous band of the image; when this worker ran that band, they are still
+    // in place (image gy_b, rows [gy_lo, gy_hi]) and only the rest is read.
     Scratch<acc_t> Gy(kSlotBwdGy, orows_max * GWp * Np);  // zero: padding, lanes beyond N
+    int64_t gy_b = -1, gy_lo = 0, gy_hi = -1;
     Scratch<acc_t> Xs(kSlotBwdX, !x_inplace ? P_max * M : 0, false);
     Scratch<acc_t> Us(kSlotBwdU, S ? P_max * Mm : 0, false);
     Scratch<acc_t> gxs(kSlotBwdGx, mask[kGx] && !gx_inplace ? P_max * M : 0, false);
@@ -507,8 +511,11 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
           const int64_t oh_lo =
               std::max<int64_t>(0, -floor_div(-(r0 + g.pt - (g.Kh - 1) * g.dh), g.sh));
           const int64_t oh_hi = std::min(Ho - 1, floor_div(r1 - 1 + g.pt, g.sh));
-          for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
-            acc_t* d = Gy.get() + ((oh - oh_lo) * GWp + GL) * kLanes;
+          // Padded column 0 of a gy row.
+          auto grow = [&](int64_t oh) { return Gy.get() + (oh % orows_max) * GWp * kLanes; };
+          const bool kept = gy_b == b && oh_lo >= gy_lo && oh_lo <= gy_hi + 1;
+          for (int64_t oh = kept ? std::max(oh_lo, gy_hi + 1) : oh_lo; oh <= oh_hi; ++oh) {
+            acc_t* d = grow(oh) + GL * kLanes;
             const acc_t* none = nullptr;
             if (cl) {
               cl_to_b8(gy + (b * HoWo + oh * Wo) * N, N, Wo, N, d, gcbs, false, none, none, 0);
@@ -516,11 +523,14 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
               cm_to_b8(gy + b * N * HoWo + oh * Wo, HoWo, Wo, N, d, gcbs, false, none, none, 0);
             }
           }
+          if (oh_lo <= oh_hi) {
+            gy_b = b;
+            gy_lo = oh_lo;
+            gy_hi = oh_hi;
+          }
           if (out.bias != nullptr) {
             add_gy_rows(g, gy, cl, b, orow(band), orow(band + 1), part + lay.bias);
           }
-          // Padded column 0 of a gy row.
-          auto grow = [&](int64_t oh) { return Gy.get() + (oh - oh_lo) * GWp * kLanes; };
           if (need_gv) {
             for (int64_t lr = 0; lr < rows; ++lr) {
               int64_t nk = 0;
