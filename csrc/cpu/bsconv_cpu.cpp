@@ -762,8 +762,16 @@ void bias_grad_kernel(const Geometry& g, const scalar_t* gy, bool cl, scalar_t* 
 // ---------------------------------------------------------------------------------------------
 // Host entry points.
 
-// t with the standard strides of `fmt` (a copy only when t has other strides).
-at::Tensor standard_layout(const at::Tensor& t, at::MemoryFormat fmt) {
+// Copies up to this size go to the calling thread's scratch (`slot`), not to a fresh tensor:
+// a fresh multi-MB buffer has its pages faulted in and zeroed by the kernel on every call,
+// which costs about as much as the copy itself. Larger ones are allocated per call, so that
+// the scratch a thread keeps stays bounded.
+constexpr int64_t kScratchCopyMaxBytes = 32 << 20;
+
+// t with the standard strides of `fmt` (a copy only when t has other strides). A copy in
+// scratch (slot >= 0) is valid until the next call on this thread: for operands the op reads
+// only while it runs.
+at::Tensor standard_layout(const at::Tensor& t, at::MemoryFormat fmt, int slot) {
   const int64_t B = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
   const std::array<int64_t, 4> want =
       fmt == at::MemoryFormat::ChannelsLast ? std::array<int64_t, 4>{H * W * C, 1, W * C, C}
@@ -773,7 +781,17 @@ at::Tensor standard_layout(const at::Tensor& t, at::MemoryFormat fmt) {
   if (ok) return t;
   const std::array<int64_t, 4> nchw_strides = {C * H * W, H * W, W, 1};
   for (int i = 0; i < 4; ++i) nchw = nchw && (t.size(i) == 1 || t.stride(i) == nchw_strides[i]);
-  at::Tensor c = at::empty(t.sizes(), t.options().memory_format(fmt));
+  const int64_t bytes = t.numel() * int64_t(t.element_size());
+  at::Tensor c;
+  if (slot >= 0 && bytes <= kScratchCopyMaxBytes) {
+    void* mem = thread_scratch().get(slot, size_t(std::max<int64_t>(bytes, 64)));
+    const auto strides = fmt == at::MemoryFormat::ChannelsLast
+                             ? std::vector<int64_t>{H * W * C, 1, W * C, C}
+                             : std::vector<int64_t>{C * H * W, H * W, W, 1};
+    c = at::from_blob(mem, t.sizes(), strides, t.options());
+  } else {
+    c = at::empty(t.sizes(), t.options().memory_format(fmt));
+  }
   if (nchw && fmt == at::MemoryFormat::ChannelsLast && t.scalar_type() == at::kFloat) {
     // NCHW float to channels-last (the copy of x the GEMMs read): blocks of 64 pixels of one
     // image transposed in 8 x 8 tiles, about 1.3-2x faster than the generic strided copy_.
@@ -933,7 +951,8 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
   }
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const bool x_cl = cl || nchw_x_read_channels_last(g, x);
-  const at::Tensor xc = standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt);
+  const at::Tensor xc =
+      standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt, kSlotInput);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "bsconv_forward", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -978,8 +997,8 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pw
   {
     const bool x_cl = cl || nchw_x_read_channels_last(g, x);
     const at::Tensor xc =
-        work ? standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt) : x;
-    const at::Tensor gyc = g.B > 0 ? standard_layout(grad_y, fmt) : grad_y;
+        work ? standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt, kSlotInput) : x;
+    const at::Tensor gyc = g.B > 0 ? standard_layout(grad_y, fmt, kSlotGradOut) : grad_y;
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, x.scalar_type(), "bsconv_backward", [&] {
           using acc_t = at::opmath_type<scalar_t>;

@@ -49,6 +49,7 @@ enum ScratchSlot : int {
   kSlotFwdVt = 0, kSlotFwdV, kSlotFwdZero, kSlotFwdOut, kSlotFwdX, kSlotFwdU, kSlotFwdVg,
   kSlotBwdU, kSlotBwdPartials, kSlotBwdV, kSlotBwdA, kSlotBwdGvb, kSlotBwdGc, kSlotBwdGu,
   kSlotBwdGy, kSlotBwdX, kSlotBwdGx, kSlotBwdGb, kSlotBwdDsc, kSlotBwdDsh, kSlotWeights,
+  kSlotInput, kSlotGradOut,  // the calling thread's standard-layout copies of x and grad_y
   kNumSlots
 };
 
