@@ -243,10 +243,10 @@ def normalize_cached(*args: object) -> ConvOptions:
         return normalize(*args)
     (fn, x, pw_weights, dw_weight, dw_bias, stride, padding, dilation, padding_mode, mid_scale,
      mid_shift, mid_activation) = args
-    tk = _tensor_key
-    key = (fn, tk(x), tuple([tk(w) for _, w in pw_weights]), tk(dw_weight), tk(dw_bias),
-           tk(mid_scale), tk(mid_shift), _option_key(stride), _option_key(padding),
-           _option_key(dilation), _option_key(padding_mode), _option_key(mid_activation))
+    tk, ok = _tensor_key, _option_key
+    pks = (tk(pw_weights[0][1]),) if len(pw_weights) == 1 else tuple(tk(w) for _, w in pw_weights)
+    key = (fn, tk(x), pks, tk(dw_weight), tk(dw_bias), tk(mid_scale), tk(mid_shift),
+           ok(stride), ok(padding), ok(dilation), ok(padding_mode), ok(mid_activation))
     opts = _options_cache.get(key)
     if opts is not None:
         return opts

@@ -136,6 +136,12 @@ def test_remembered_signatures_still_reject_bad_input():
         functional.bsconv_u(x, pw.double(), dw, stride=1, padding=1)
     with pytest.raises(TypeError, match=r"x must be a Tensor"):
         functional.bsconv_u(x.numpy(), pw, dw, stride=1, padding=1)
+    with pytest.raises(ValueError, match=r"dw_weight must have shape \[5, 1, K_h, K_w\]"):
+        functional.bsconv_u(x, pw[:5], dw, stride=1, padding=1)  # another projection shape
+    pw1, pw2 = torch.randn(3, 4, 1, 1), torch.randn(6, 3, 1, 1)
+    functional.bsconv_s(x, pw1, pw2, dw, padding=1)  # valid: remembered
+    with pytest.raises(ValueError, match=r"pw2_weight has 2 input channels but pw1_weight has 3"):
+        functional.bsconv_s(x, pw1, pw2[:, :2], dw, padding=1)
     # and the remembered signature still gives the same result as a fresh validation
     y1 = functional.bsconv_u(x, pw, dw, stride=1, padding=1)
     y2 = reference.bsconv_u(x, pw, dw, stride=1, padding=1)
