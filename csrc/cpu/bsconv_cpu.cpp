@@ -303,7 +303,7 @@ struct PartialLayout {
   }
 };
 
-// acc += the sum of p[0, count), in a fixed order (eight interleaved partial sums).
+// The sum of p[0, count), in a fixed order (eight interleaved partial sums).
 template <typename scalar_t, typename acc_t>
 acc_t sum8(const scalar_t* p, int64_t count) {
   acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
