@@ -315,19 +315,21 @@ acc_t sum8(const scalar_t* p, int64_t count) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
+// acc[n] += p[q * N + n] over the channels-last pixels q < count, in pixel order.
+template <typename scalar_t, typename acc_t>
+void add_cl_pixels(const scalar_t* p, int64_t count, int64_t N, acc_t* acc) {
+  for (int64_t q = 0; q < count; ++q, p += N) {
+    for (int64_t n = 0; n < N; ++n) acc[n] += acc_t(p[n]);
+  }
+}
+
 // acc[n] += the sum of gy over output rows [o0, o1) of image b, per channel n (fixed order).
 template <typename scalar_t, typename acc_t>
 void add_gy_rows(const Geometry& g, const scalar_t* gy, bool cl, int64_t b, int64_t o0,
                  int64_t o1, acc_t* acc) {
   const int64_t N = g.N, HoWo = g.Ho * g.Wo, count = (o1 - o0) * g.Wo;
   if (count <= 0) return;
-  if (cl) {
-    const scalar_t* p = gy + (b * HoWo + o0 * g.Wo) * N;
-    for (int64_t q = 0; q < count; ++q, p += N) {
-      for (int64_t n = 0; n < N; ++n) acc[n] += acc_t(p[n]);
-    }
-    return;
-  }
+  if (cl) return add_cl_pixels(gy + (b * HoWo + o0 * g.Wo) * N, count, N, acc);
   for (int64_t n = 0; n < N; ++n) {
     acc[n] += sum8<scalar_t, acc_t>(gy + (b * N + n) * HoWo + o0 * g.Wo, count);
   }
@@ -726,16 +728,9 @@ void bias_grad_kernel(const Geometry& g, const scalar_t* gy, bool cl, scalar_t* 
   if (!cl) {
     at::parallel_for(0, N, ceil_div(kGrain, g.B * HoWo), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t b = 0; b < g.B; ++b) {
-          const scalar_t* p = gy + (b * N + n) * HoWo;
-          int64_t i = 0;
-          for (; i + 8 <= HoWo; i += 8) {
-            for (int k = 0; k < 8; ++k) s[k] += acc_t(p[i + k]);
-          }
-          for (; i < HoWo; ++i) s[0] += acc_t(p[i]);
-        }
-        out[n] = scalar_t(((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])));
+        acc_t s = 0;
+        for (int64_t b = 0; b < g.B; ++b) s += sum8<scalar_t, acc_t>(gy + (b * N + n) * HoWo, HoWo);
+        out[n] = scalar_t(s);
       }
     });
     return;
@@ -745,11 +740,8 @@ void bias_grad_kernel(const Geometry& g, const scalar_t* gy, bool cl, scalar_t* 
   std::vector<acc_t> partial(parts * N, acc_t(0));
   at::parallel_for(0, parts, ceil_div(kGrain * parts, pixels * N), [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
-      acc_t* s = partial.data() + q * N;
-      for (int64_t p = q * pixels / parts; p < (q + 1) * pixels / parts; ++p) {
-        const scalar_t* v = gy + p * N;
-        for (int64_t n = 0; n < N; ++n) s[n] += acc_t(v[n]);
-      }
+      const int64_t p0 = q * pixels / parts, p1 = (q + 1) * pixels / parts;
+      add_cl_pixels(gy + p0 * N, p1 - p0, N, partial.data() + q * N);
     }
   });
   for (int64_t n = 0; n < N; ++n) {

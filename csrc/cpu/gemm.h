@@ -73,20 +73,29 @@ void gemm_fallback(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
   }
 }
 
-// The BLAS (or the loop nest), as given.
-inline void gemm_blas(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-                      const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
-                      float* c, int64_t ldc) {
+// Row-major C = alpha op(A) op(B) + beta C through the Fortran BLAS routine `blas` (sgemm_ or
+// dgemm_; weak, so it may be missing), else the loop nest.
+template <typename T, typename Blas>
+inline void blas_or_loops(Blas* blas, bool trans_a, bool trans_b, int64_t m, int64_t n,
+                          int64_t k, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb,
+                          T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (sgemm_ != nullptr && k > 0) {
+  if (blas != nullptr && k > 0) {
     // Row-major C = A B is column-major C^T = B^T A^T: swap the operands, keep the flags.
     const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
     const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb),
               lc = int(ldc);
-    sgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+    blas(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
     return;
   }
-  gemm_fallback<float>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_fallback<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// The BLAS (or the loop nest), as given.
+inline void gemm_blas(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                      const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                      float* c, int64_t ldc) {
+  blas_or_loops<float>(sgemm_, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -212,15 +221,7 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
 inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
                  const double* a, int64_t lda, const double* b, int64_t ldb, double beta,
                  double* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (dgemm_ != nullptr && k > 0) {
-    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-    const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb),
-              lc = int(ldc);
-    dgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
-    return;
-  }
-  gemm_fallback<double>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  blas_or_loops<double>(dgemm_, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 inline void gemm_blas(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
