@@ -149,14 +149,17 @@ def check_lowp(plo, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("variant", ["u", "s"])
-@pytest.mark.parametrize("B,H,W", [(1, 17, 16), (3, 10, 9), (2, 5, 6)])
-def test_gemm_projections(dtype, layout, variant, B, H, W):
+@pytest.mark.parametrize("B,H,W,N", [(1, 17, 16, 168), (2, 17, 16, 168), (1, 17, 16, 264),
+                                     (3, 10, 9, 168), (2, 5, 6, 168)])
+def test_gemm_projections(dtype, layout, variant, B, H, W, N):
     # More than 64 input channels: the projections and their adjoints run as GEMMs, with N and
-    # M' not multiples of the 32-column panels. From 256 pixels per call on weights packed once
-    # (float32 NCHW x read channels-last, gx transposed back): one image in bands, or small
-    # images in groups; below that (2 x 5 x 6) by the BLAS.
+    # M' not multiples of the 32-column panels. From 256 pixels per call on weights packed once:
+    # one image in bands, or small images in groups; below that (2 x 5 x 6) by the BLAS. A
+    # float32 NCHW x is read channels-last (gx transposed back) or, in the forward, transposed
+    # per block of rows when at most two channel chunks repeat that (2 x 17 x 16 with N = 168
+    # on up to two threads, 1 x 17 x 16 on one; N = 264 has more chunks).
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    p = make_problem(variant, B=B, M=80, N=168, mid=36, H=H, W=W, padding=1, stride=(1, 2),
+    p = make_problem(variant, B=B, M=80, N=N, mid=36, H=H, W=W, padding=1, stride=(1, 2),
                      padding_mode="replicate", mid_activation="relu6", mid_affine=True)
     y = check_lowp(p.cast(dtype, fmt), seed=4)
     assert y.is_contiguous(memory_format=fmt)

@@ -130,7 +130,8 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
   const bool S = g.subspace();
   const acc_t* wp = S ? w.w2 : w.w1;
   const int64_t C = S ? g.Mmid : g.M;  // input channels of the projection into v
-  // proj_b8 (register tiles) takes small projections of channel-major x, GEMMs the others.
+  // proj_b8 (register tiles) takes small projections of channel-major x when the weights are
+  // not packed for the GEMM (calls of few pixels); GEMMs the others.
   const bool gemm_proj = w.wpt == nullptr || x_cl || !small_proj_enabled<acc_t>();
   const int64_t threads = useful_threads(forward_flops(g));
   const ForwardPlan plan = forward_plan(g, sizeof(acc_t), threads, gemm_proj);
@@ -828,8 +829,11 @@ class PackedWeights {
     const int64_t o_w2 = take(convert && pw2.has_value(), N * g.Mmid);
     const int64_t o_taps = take(true, KK * Np), o_bias = take(true, Np);
     const int64_t o_scale = take(true, Np), o_shift = take(true, Np);
-    const int64_t o_wpt = take(K <= kSmallProjK, K * Np);
     const bool panels = use_panels(g, std::is_same_v<acc_t, float>);
+    // The register-tile projection runs only without panels: with them, a channel-major x
+    // block transposed for the GEMM is faster (64->128 112x112 forward: ~20% less time; the
+    // tiles' strided broadcasts of x cost more than the transpose).
+    const int64_t o_wpt = take(K <= kSmallProjK && !panels, K * Np);
     const int64_t o_wvp = take(panels, K * N);
     const int64_t o_w1p = take(panels && pw2.has_value(), g.M * g.Mmid);
     const int64_t o_w1n = take(panels && backward, g.proj1_rows() * g.M);
@@ -911,13 +915,19 @@ class PackedWeights {
   Weights<acc_t> w_{};
 };
 
-// BSConv-U with an NCHW float x whose projection runs as a GEMM on packed weights (not the
-// small-K loops): the kernels read a channels-last copy of x, made once per call, so that the
-// GEMMs see rows of pixels (packing channel-major tiles for every channel chunk costs more);
-// y and gx stay NCHW.
-bool nchw_x_read_channels_last(const Geometry& g, const at::Tensor& x) {
-  return x.scalar_type() == at::kFloat && !g.subspace() && use_panels(g, true) &&
-         (g.M > kSmallProjK || !small_proj_enabled<float>());
+// BSConv-U with an NCHW float x whose projection runs as a GEMM on packed weights: whether the
+// kernels read a channels-last copy of x, made once per call (y and gx stay NCHW), rather than
+// transpose each block of x rows for the GEMM. The per-block transposes pay for fewer passes
+// over memory as long as few channel chunks repeat them:
+// - forward: at most two chunks, one image per task (measured on the 2-core build machine:
+//   256->256 28x28 B=8, two chunks, ~8% faster per block; 256->512 28x28 B=8, four chunks,
+//   ~6% slower; grouped 7x7 images, whose x is gathered first, ~35% slower);
+// - backward (a task transposes once, for all channels): inputs of up to kSmallProjK channels.
+bool nchw_x_read_channels_last(const Geometry& g, const at::Tensor& x, bool forward) {
+  if (x.scalar_type() != at::kFloat || g.subspace() || !use_panels(g, true)) return false;
+  if (!forward) return g.M > kSmallProjK;
+  const ForwardPlan plan = forward_plan(g, sizeof(float), useful_threads(forward_flops(g)), true);
+  return plan.chunks > 2 || plan.nb > 1;
 }
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
@@ -942,7 +952,7 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
     return y;
   }
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const bool x_cl = cl || nchw_x_read_channels_last(g, x);
+  const bool x_cl = cl || nchw_x_read_channels_last(g, x, true);
   const at::Tensor xc =
       standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt, kSlotInput);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -987,7 +997,7 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pw
   if (mask[kGbias] && g.B == 0) gbias.zero_();
 
   {
-    const bool x_cl = cl || nchw_x_read_channels_last(g, x);
+    const bool x_cl = cl || nchw_x_read_channels_last(g, x, false);
     const at::Tensor xc =
         work ? standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt, kSlotInput) : x;
     const at::Tensor gyc = g.B > 0 ? standard_layout(grad_y, fmt, kSlotGradOut) : grad_y;

@@ -17,8 +17,9 @@
 //
 // Both x and y / gx / gy have standard NCHW or channels-last strides (the host makes sure).
 // The projection GEMMs read x in place when its dtype is the accumulation type, except an
-// NCHW float x of a BSConv-U projection that runs on packed weights (use_panels): the host
-// copies it to channels-last once, and y / gx stay NCHW. The float GEMMs run on oneDNN's
+// NCHW float x of a BSConv-U projection that runs on packed weights (use_panels) and would
+// be transposed block by block too often (nchw_x_read_channels_last): the host copies it to
+// channels-last once, and y / gx stay NCHW. The float GEMMs run on oneDNN's
 // brgemm micro-kernel with B packed into panels (gemm.h).
 #pragma once
 
@@ -115,7 +116,8 @@ struct Weights {
   const acc_t* shift;  // [Np], 0 without a shift
   int64_t Np;          // N rounded up to kLanes
   const acc_t* wpt;    // [K][Np]: the projection into v (w1, or w2 for BSConv-S) transposed,
-                       // when K <= kSmallProjK (small projections run proj_b8); else nullptr
+                       // when K <= kSmallProjK and the GEMM operands are not packed (small
+                       // projections run proj_b8); else nullptr
   // float only (else nullptr): the GEMM operands packed once per call (pack_panels, gemm.h).
   const acc_t* wvp;    // the projection into v transposed, [K][N]
   const acc_t* w1p;    // BSConv-S: w1 transposed, [M][Mmid]
