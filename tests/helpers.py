@@ -90,6 +90,24 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
+def magnitudes(p, gy):
+    """Output and gradients of the float64 reference on absolute values (|x|, |weights|, |gy|,
+    no activation): elementwise sums of |terms| behind every result, the scale of their rounding
+    errors (bounds under activations with |f(z)| <= |z| and slopes at most 1, ReLU and ReLU6;
+    hardswish's slope reaches 1.5). A TF32 projection rounds both factors of each product to 10
+    mantissa bits (2 * 2^-11 relative), and BSConv-S chains two such products, so its results
+    are within 2^-9 of these magnitudes."""
+    a = p.cast(torch.float64)
+    absd = a.__class__(a.variant, a.x.abs(), [w.abs() for w in a.pws], a.dw_weight.abs(),
+                       *(None if t is None else t.abs() for t in (a.dw_bias, a.mid_scale,
+                                                                 a.mid_shift)),
+                       dict(a.kwargs, mid_activation=None))
+    for t in absd.inputs():
+        t.detach_().requires_grad_()
+    y = absd.reference()
+    return y.detach(), [g.detach() for g in torch.autograd.grad(y, absd.inputs(), gy.abs())]
+
+
 def assert_accurate(name: str, fused: torch.Tensor, ref_lowp: torch.Tensor,
                     ref64: torch.Tensor, magnitude: Optional[torch.Tensor] = None) -> None:
     """The fused result may be at most twice as far from the float64 oracle as the reference

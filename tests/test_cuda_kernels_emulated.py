@@ -14,7 +14,7 @@ import zlib
 import bsconv_fused._emu  # noqa: F401  (registers bsconv_fused_emu::*)
 import pytest
 import torch
-from helpers import assert_accurate, make_problem, max_err
+from helpers import assert_accurate, magnitudes, make_problem, max_err
 
 from bsconv_fused._args import normalize
 
@@ -58,22 +58,6 @@ def oracle(p, gy):
 def ref_shape(p):
     with torch.no_grad():
         return p.cast(torch.float64, requires_grad=False).reference().shape
-
-
-def magnitudes(p, gy):
-    """Output and gradients of the float64 reference on absolute values (|x|, |weights|, |gy|,
-    no activation): elementwise bounds of the sums of |terms| behind every result. A TF32
-    projection rounds both factors of each product to 10 mantissa bits (2 * 2^-11 relative), and
-    BSConv-S chains two such products, so its results are within 2^-9 of these magnitudes."""
-    a = p.cast(torch.float64)
-    absd = a.__class__(a.variant, a.x.abs(), [w.abs() for w in a.pws], a.dw_weight.abs(),
-                       *(None if t is None else t.abs() for t in (a.dw_bias, a.mid_scale,
-                                                                 a.mid_shift)),
-                       dict(a.kwargs, mid_activation=None))
-    for t in absd.inputs():
-        t.detach_().requires_grad_()
-    y = absd.reference()
-    return y.detach(), [g.detach() for g in torch.autograd.grad(y, absd.inputs(), gy.abs())]
 
 
 KERNEL_SHAPES = [
