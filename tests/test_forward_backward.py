@@ -171,6 +171,23 @@ def test_gemm_projections(dtype, layout, variant, B, H, W, N):
     assert y.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("M,N,H", [(24, 96, 32), (80, 80, 24), (80, 112, 24)])
+def test_channel_chunks_start_on_panels(threads, layout, M, N, H):
+    # One image with work for several threads: the forward splits the channels into chunks
+    # (96 -> 64 + 32), and a chunk of a projection on packed panels (from 256 pixels) must start
+    # on a panel. Chunks of 48, 40 or 56 channels read the wrong columns: y was off by O(1).
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    p = make_problem("u", B=1, M=M, N=N, H=H, W=H, padding=1, padding_mode="reflect")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_lowp(p.cast(torch.float32, fmt), seed=5)
+    finally:
+        torch.set_num_threads(prev)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "permuted"])
 @pytest.mark.parametrize("variant", ["u", "s"])
 def test_memory_formats(layout, variant):

@@ -279,6 +279,8 @@ void proj_gemm(const Operand<T>& X, int64_t P, int64_t n0, int64_t N, int64_t K,
                const T* panels, T* Y, int64_t ldy) {
   if constexpr (std::is_same_v<T, float>) {
     if (panels != nullptr) {
+      TORCH_INTERNAL_ASSERT(n0 % kPanel == 0, "bsconv_fused: channel chunk at ", n0,
+                            " does not start a packed panel");
       const float* a = X.ptr;
       int64_t lda = X.ld;
       if (X.cm) {
@@ -327,7 +329,8 @@ void wgrad_gemm(int64_t P, int64_t N, int64_t K, const Operand<T>& Y, const Oper
 // Forward: tasks are (image, channel chunk, band of output rows); a band is walked in blocks of
 // `ob` output rows whose v rows (at most `slots`) stay in a cache-sized scratch.
 struct ForwardPlan {
-  int64_t nc = 1, chunks = 1;  // channels per chunk (a multiple of kLanes unless nc == N)
+  int64_t nc = 1, chunks = 1;  // channels per chunk (a multiple of kLanes, of kPanel for GEMM
+                               // projections, unless nc == N)
   int64_t band = 1, bands = 1;  // output rows per band
   int64_t ob = 1, slots = 1;
   // Images per task (> 1: small images; a task projects its images in one GEMM, all chunks,
@@ -357,8 +360,10 @@ inline ForwardPlan forward_plan(const Geometry& g, int64_t acc_size, int64_t thr
                                 bool gemm_proj) {
   const int64_t min_tasks = forward_min_tasks(g, threads);
   ForwardPlan p;
+  // A chunk's channels start at a multiple of kPanel when the projection may run on packed
+  // panels (proj_gemm reads the panels from channel n0 on), else of kLanes.
   auto set_nc = [&](int64_t nc) {
-    p.nc = nc >= g.N ? g.N : round_up(nc, kLanes);
+    p.nc = nc >= g.N ? g.N : round_up(nc, gemm_proj ? kPanel : kLanes);
     p.chunks = ceil_div(g.N, p.nc);
   };
   // BSConv-S keeps all channels in one chunk: every chunk would recompute the u rows.
