@@ -4,6 +4,7 @@ option grid, dtypes, memory formats and odd sizes."""
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 import torch
@@ -367,3 +368,40 @@ def test_strided_weights(variant, dtype):
         assert torch.equal(a, b)
     if dtype == torch.float64:  # and both match the reference
         assert max_err(y, p.reference()) <= F64_TOL * p.reference().abs().max().item()
+
+
+def _random_problem(rng: random.Random):
+    """A random valid layer: either variant, 8-200 -> 16-300 channels, 4-40 px, K 3 or 5,
+    strides, dilation, every padding mode, an optional mid affine (no mid activation: a kink
+    flips under any rounding, in the reference too)."""
+    while True:
+        K, d, pad = rng.choice([3, 3, 5]), rng.choice([1, 1, 2]), rng.choice([0, 1, 2, 3])
+        H, W = rng.randint(4, 40), rng.randint(4, 40)
+        if min(H, W) + 2 * pad - d * (K - 1) - 1 < 0:
+            continue
+        mode = rng.choice(["zeros", "reflect", "replicate", "circular"])
+        if pad >= min(H, W):
+            mode = "zeros"
+        M = rng.choice([8, 24, 48, 64, 65, 80, 130, 200])
+        return make_problem(rng.choice("uus"), B=rng.choice([1, 1, 2, 3]), M=M,
+                            N=rng.choice([16, 40, 80, 96, 136, 168, 264, 300]),
+                            mid=max(1, M // 6), H=H, W=W, K=(K, K),
+                            stride=(rng.choice([1, 2]), rng.choice([1, 2])), dilation=(d, d),
+                            padding=pad, padding_mode=mode, mid_affine=rng.random() < 0.5,
+                            seed=rng.randrange(1 << 30))
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_random_shapes_against_float64(threads):
+    # Random layers on several threads, where the tiling splits channels, bands and image
+    # groups in shape-dependent ways (the panel alignment of the channel chunks was found so).
+    rng = random.Random(threads)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for i in range(24):
+            p = _random_problem(rng)
+            fmt = torch.channels_last if i % 2 else torch.contiguous_format
+            check_lowp(p.cast(torch.bfloat16 if i % 3 == 2 else torch.float32, fmt), seed=i)
+    finally:
+        torch.set_num_threads(prev)
