@@ -782,10 +782,7 @@ at::Tensor standard_layout(const at::Tensor& t, at::MemoryFormat fmt, int slot) 
   at::Tensor c;
   if (slot >= 0 && bytes <= kScratchCopyMaxBytes) {
     void* mem = thread_scratch().get(slot, size_t(std::max<int64_t>(bytes, 64)));
-    const auto strides = fmt == at::MemoryFormat::ChannelsLast
-                             ? std::vector<int64_t>{H * W * C, 1, W * C, C}
-                             : std::vector<int64_t>{C * H * W, H * W, W, 1};
-    c = at::from_blob(mem, t.sizes(), strides, t.options());
+    c = at::from_blob(mem, t.sizes(), want, t.options());
   } else {
     c = at::empty(t.sizes(), t.options().memory_format(fmt));
   }
