@@ -1200,6 +1200,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:i], got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(
+            f"expected cpu or cuda[:i], got {text!r}: the benchmark has no {device.type} path")
+    return device
+
+
 def build_parser() -> argparse.ArgumentParser:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     p = argparse.ArgumentParser(
@@ -1218,7 +1229,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated batch sizes (default 1,8; 1 with --quick)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="default float32")
-    p.add_argument("--device", default=default_device,
+    p.add_argument("--device", type=_device, default=torch.device(default_device),
                    help=f"cpu or cuda[:i] (default {default_device})")
     p.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both",
                    help="forward only, forward + backward, or both (default)")
@@ -1253,7 +1264,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         return value if value is not None else (fast if quick else normal)
 
     return Settings(
-        device=torch.device(args.device),
+        device=args.device,
         dtype=DTYPES[args.dtype],
         batches=pick(args.batch, [1, 8], [1]),
         modes=list(MODES) if args.mode == "both" else [args.mode],
@@ -1316,6 +1327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = settings_from(args)
     if cfg.device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA requested but not available", file=sys.stderr)
+        return 2
+    if cfg.device.type == "cuda" and (cfg.device.index or 0) >= torch.cuda.device_count():
+        print(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA "
+              "device(s)", file=sys.stderr)
         return 2
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python -m bsconv_fused.bench"] + [shlex.quote(a) for a in argv_list])

@@ -126,6 +126,27 @@ def test_a_failing_baseline_is_reported_not_fatal(tmp_path: Path,
     assert "median_ms" not in dense
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["--device", "mps"], "--device"), (["--device", "cuda:x"], "--device"),
+    (["--device", "meta"], "--device"), (["--batch", "0"], "--batch"),
+    (["--batch", "2,x"], "--batch"), (["--repeats", "0"], "--repeats"),
+    (["--threads", "-1"], "--threads"), (["--dtype", "int8"], "--dtype"),
+    (["--mode", "bwd"], "--mode")])
+def test_bad_arguments_name_themselves(argv: list[str], named: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--list", *argv])
+    assert exc.value.code == 2
+    assert f"argument {named}" in capsys.readouterr().err
+
+
+def test_unknown_shape_pattern_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--shapes", "no-such-layer"]) == 2
+    assert "no layer matches" in capsys.readouterr().err
+    assert bench.main(["--shapes", "b0[1"]) == 2
+    assert "bad --shapes pattern" in capsys.readouterr().err
+
+
 def test_layer_shapes_and_suites() -> None:
     full = {lay.name: lay for lay in bench.full_suite()}
     assert len(full) == 2 * 2 * (len(bench.MOBILENET_V1) + len(bench.CIFAR_RESNET20))
