@@ -35,6 +35,10 @@ class ConvOptions:
         object.__setattr__(self, "op_args", (
             list(self.stride), list(self.padding), list(self.dilation),
             self.padding_mode_code, self.activation_code))
+        # The same as one flat tuple of ints, for the extension's eager entry (ops.forward).
+        object.__setattr__(self, "flat_args", (
+            *self.stride, *self.padding, *self.dilation, self.padding_mode_code,
+            self.activation_code))
 
     @property
     def padding_mode_code(self) -> int:

@@ -13,14 +13,14 @@ import torch
 _error: Optional[BaseException] = None
 try:
     # import_module (not "from . import _C") so that a failure reports its real cause.
-    importlib.import_module(f"{__package__}._C")  # registers the TORCH_LIBRARY ops
+    _C = importlib.import_module(f"{__package__}._C")  # registers the TORCH_LIBRARY ops
 except (ImportError, OSError) as exc:  # not built, or built against another torch
     _error = exc
 
 if _error is None:
     from . import ops as _ops
 
-    _ops.register()
+    _ops.register(getattr(_C, "forward", None))
 
 
 class _State(threading.local):

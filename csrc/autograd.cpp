@@ -7,50 +7,37 @@
 // kernel of a small layer, even under torch.no_grad(). torch.compile traces through this kernel
 // like through any C++ autograd op: both ops have fake kernels (bsconv_fused/ops.py), so the
 // traced graph holds one forward and one backward call.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "op_handles.h"
 
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
+using bsconv::Grads;
+using bsconv::kNumGrads;
+using bsconv::OptTensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int kNumGrads = 7;  // x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift
 constexpr int kNumArgs = 12;  // ... stride, padding, dilation, padding_mode, activation
 
 Tensor call_forward(const Tensor& x, const Tensor& pw1, const OptTensor& pw2, const Tensor& dw,
                     const OptTensor& bias, const OptTensor& scale, const OptTensor& shift,
                     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
                     int64_t padding_mode, int64_t activation) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bsconv_fused::forward", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const OptTensor&,
-                                     const Tensor&, const OptTensor&, const OptTensor&,
-                                     const OptTensor&, c10::IntArrayRef, c10::IntArrayRef,
-                                     c10::IntArrayRef, int64_t, int64_t)>();
-  return op.call(x, pw1, pw2, dw, bias, scale, shift, stride, padding, dilation, padding_mode,
-                 activation);
+  return bsconv::forward_op().call(x, pw1, pw2, dw, bias, scale, shift, stride, padding,
+                                   dilation, padding_mode, activation);
 }
-
-using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 Grads call_backward(const Tensor& gy, const Tensor& x, const Tensor& pw1, const OptTensor& pw2,
                     const Tensor& dw, const OptTensor& bias, const OptTensor& scale,
                     const OptTensor& shift, c10::IntArrayRef stride, c10::IntArrayRef padding,
                     c10::IntArrayRef dilation, int64_t padding_mode, int64_t activation,
                     std::array<bool, kNumGrads> mask) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bsconv_fused::backward", "")
-                       .typed<Grads(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                    const Tensor&, const OptTensor&, const OptTensor&,
-                                    const OptTensor&, c10::IntArrayRef, c10::IntArrayRef,
-                                    c10::IntArrayRef, int64_t, int64_t,
-                                    std::array<bool, kNumGrads>)>();
-  return op.call(gy, x, pw1, pw2, dw, bias, scale, shift, stride, padding, dilation,
-                 padding_mode, activation, mask);
+  return bsconv::backward_op().call(gy, x, pw1, pw2, dw, bias, scale, shift, stride, padding,
+                                    dilation, padding_mode, activation, mask);
 }
 
 OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }

@@ -8,11 +8,16 @@
 #include <Python.h>
 #include <torch/library.h>
 
+namespace bsconv {
+PyMethodDef* python_methods();  // python_call.cpp
+}
+
 extern "C" {
-// The module holds no Python functions: importing it loads the library, whose static
-// initializers register the ops with the dispatcher.
+// Importing the module loads the library, whose static initializers register the ops with the
+// dispatcher; its one function is the eager entry of the forward op (python_call.cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          bsconv::python_methods()};
   return PyModule_Create(&module_def);
 }
 }

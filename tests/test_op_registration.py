@@ -92,3 +92,117 @@ def test_ops_module_exposes_registered_ops():
     assert hasattr(torch.ops.bsconv_fused, "forward")
     assert hasattr(torch.ops.bsconv_fused, "backward")
     assert ops._registered
+
+
+# The eager entry (csrc/python_call.cpp) that ops.forward takes for plain tensors.
+
+class _Counting:
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.real(*args)
+
+
+@pytest.fixture
+def counted_direct(monkeypatch):
+    assert ops._direct is not None, "the extension's eager entry is missing"
+    counter = _Counting(ops._direct)
+    monkeypatch.setattr(ops, "_direct", counter)
+    return counter
+
+
+@pytest.mark.parametrize("variant", ["u", "s"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_direct_entry_matches_torch_ops(variant, memory_format, counted_direct):
+    p = make_problem(variant, B=2, M=5, N=7, mid=3, H=6, W=5, padding=(1, 2), stride=(2, 1),
+                     mid_affine=True, mid_activation="relu6", padding_mode="reflect")
+    p = p.cast(torch.float32, memory_format=memory_format)
+    inputs = p.inputs()
+    gy = torch.randn(p.reference().shape).contiguous(memory_format=memory_format)
+    y_direct = p.fused()
+    g_direct = torch.autograd.grad(y_direct, inputs, gy)
+    assert counted_direct.calls == 1
+    args = _op_args(p, _opts(p))
+    y_ops = torch.ops.bsconv_fused.forward.default(*args)
+    g_ops = torch.autograd.grad(y_ops, inputs, gy)
+    assert y_direct.stride() == y_ops.stride()
+    torch.testing.assert_close(y_direct, y_ops, rtol=0, atol=0)
+    for a, b in zip(g_direct, g_ops):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert y_direct.grad_fn.name() == y_ops.grad_fn.name()
+
+
+def test_direct_entry_is_skipped_for_subclasses_modes_and_compile(counted_direct):
+    p = make_problem("u", B=1, M=4, N=6, H=5, W=5, padding=1).cast(torch.float32)
+    seen = []
+
+    class Recorder(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        p.fused()
+    assert torch.ops.bsconv_fused.forward.default in seen
+    assert counted_direct.calls == 0
+
+    class Sub(torch.Tensor):
+        pass
+
+    q = p.__class__(p.variant, p.x.as_subclass(Sub), p.pws, p.dw_weight, p.dw_bias,
+                    p.mid_scale, p.mid_shift, p.kwargs)
+    assert isinstance(q.fused(), Sub)  # __torch_function__ of the subclass ran
+    assert counted_direct.calls == 0
+
+    compiled = torch.compile(lambda x: functional.bsconv_u(x, p.pws[0], p.dw_weight,
+                                                           p.dw_bias, padding=1),
+                             fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(p.x), p.fused())
+    assert counted_direct.calls == 1  # the eager call only; the compiled graph used torch.ops
+
+
+def test_direct_entry_goes_through_the_dispatcher(counted_direct):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    p = make_problem("s", B=1, M=4, N=6, mid=2, H=5, W=5, padding=1).cast(torch.float32)
+    x = p.x.clone().requires_grad_()
+    with Recorder():
+        y = functional.bsconv_s(x, *p.pws, p.dw_weight, p.dw_bias, padding=1)
+        y.sum().backward()
+    assert counted_direct.calls == 1
+    assert torch.ops.bsconv_fused.forward.default in seen
+    assert torch.ops.bsconv_fused.backward.default in seen
+
+
+def test_direct_entry_errors_name_the_argument():
+    p = make_problem("u", B=1, M=4, N=6, H=5, W=5).cast(torch.float32)
+    direct = ops._direct
+    flat = _opts(p).flat_args
+    with pytest.raises(TypeError, match="dw_weight must be a Tensor, got list"):
+        direct(p.x, p.pws[0], None, [1.0], None, None, None, flat)
+    with pytest.raises(TypeError, match="x must be a Tensor, got NoneType"):
+        direct(None, p.pws[0], None, p.dw_weight, None, None, None, flat)
+    with pytest.raises(TypeError, match="tuple of 10 ints"):
+        direct(p.x, p.pws[0], None, p.dw_weight, None, None, None, flat[:-1])
+    with pytest.raises(TypeError, match="expected 8 arguments"):
+        direct(p.x)
+    with pytest.raises(TypeError):
+        direct(p.x, p.pws[0], None, p.dw_weight, None, None, None, (*flat[:-1], "relu"))
+    # The op's own checks raise the same error through both entries.
+    bad = torch.randn(5, 1, 3, 3)  # N = 5 depthwise channels for a projection to 6
+    args = (p.x, p.pws[0], None, bad, None, None, None)
+    with pytest.raises(RuntimeError) as via_ops:
+        torch.ops.bsconv_fused.forward.default(*args, *_opts(p).op_args)
+    with pytest.raises(type(via_ops.value)) as via_direct:
+        direct(*args, flat)
+    assert str(via_direct.value).splitlines()[0] == str(via_ops.value).splitlines()[0]
+    assert "dw_weight" in str(via_direct.value)
