@@ -164,7 +164,8 @@ def test_gemm_projections(dtype, layout, variant, B, H, W, N):
     # one image in bands, or small images in groups; below that (2 x 5 x 6) by the BLAS. A
     # float32 NCHW x is read channels-last (gx transposed back) or, in the forward, transposed
     # per block of rows when at most two channel chunks repeat that (2 x 17 x 16 with N = 168
-    # on up to two threads, 1 x 17 x 16 on one; N = 264 has more chunks).
+    # on up to two threads, 1 x 17 x 16 on one; N = 264 has more chunks), or per task of whole
+    # images (3 x 10 x 9: groups; see also test_nchw_whole_image_tasks).
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     p = make_problem(variant, B=B, M=80, N=N, mid=36, H=H, W=W, padding=1, stride=(1, 2),
                      padding_mode="replicate", mid_activation="relu6", mid_affine=True)
@@ -185,6 +186,23 @@ def test_channel_chunks_start_on_panels(threads, layout, M, N, H):
     torch.set_num_threads(threads)
     try:
         check_lowp(p.cast(torch.float32, fmt), seed=5)
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("B,H,W,N,stride", [(4, 17, 16, 264, 1), (5, 14, 15, 300, 2),
+                                            (6, 9, 10, 264, 1)])
+def test_nchw_whole_image_tasks(threads, B, H, W, N, stride):
+    # float32 NCHW x with more than two channel chunks (N > 256), an image per thread: each task
+    # transposes its whole image(s) once into channels-last scratch and runs every chunk on it
+    # (9 x 10 images: groups of several images); the last chunk of N = 300 is 44 wide.
+    p = make_problem("u", B=B, M=80, N=N, H=H, W=W, padding=1, stride=stride,
+                     mid_activation="hardswish", mid_affine=True)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_lowp(p.cast(torch.float32), seed=6)
     finally:
         torch.set_num_threads(prev)
 

@@ -141,17 +141,24 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
   constexpr bool same_out = std::is_same_v<scalar_t, acc_t>;
   const int64_t cbs = S_ * Wp * kLanes;  // channel-block stride of the v slots (B8)
 
-  run_workers(plan.tasks(g.B), threads, [&](auto next) {
+  // Tasks of whole images (plan.nb each): grouped small images, or channel-major float x that
+  // each task transposes once for all chunks (forward_image_tasks_cm).
+  constexpr bool is_float = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
+  const bool cl_gather = is_float && !x_cl && w.wvp != nullptr &&
+                         forward_image_tasks_cm(g, plan, threads);
+  const bool images = plan.nb > 1 || cl_gather;
+  const int64_t tasks = images ? ceil_div(g.B, plan.nb) : plan.tasks(g.B);
+  run_workers(tasks, threads, [&](auto next) {
     Scratch<acc_t> Vt(kSlotFwdVt, S_ * W * ncp_max, false), V(kSlotFwdV, S_ * Wp * ncp_max);
     Scratch<acc_t> zero_row(kSlotFwdZero, Wp * kLanes);
     Scratch<acc_t> obuf(kSlotFwdOut, plan.ob * Wo * ncp_max, false);
-    // Grouped tasks (plan.nb > 1) project whole images: x gathered unless in place, u and v
-    // for all pixels of the group.
-    const int64_t P_group = plan.nb * H * W, rows_x = plan.nb > 1 ? P_group : S_ * W;
-    const bool x_gather = !std::is_same_v<scalar_t, acc_t> || (plan.nb > 1 && !x_cl);
+    // Tasks of whole images project them at once: x gathered unless in place, u and v for all
+    // pixels of the task.
+    const int64_t P_group = plan.nb * H * W, rows_x = images ? P_group : S_ * W;
+    const bool x_gather = !std::is_same_v<scalar_t, acc_t> || (images && !x_cl);
     Scratch<acc_t> Xs(kSlotFwdX, x_gather ? rows_x * g.M : 0, false);
     Scratch<acc_t> Us(kSlotFwdU, S ? rows_x * C : 0, false);
-    Scratch<acc_t> Vg(kSlotFwdVg, plan.nb > 1 ? P_group * ncp_max : 0, false);
+    Scratch<acc_t> Vg(kSlotFwdVg, images ? P_group * ncp_max : 0, false);
     RowRing ring(S_, H);
     std::vector<int64_t> rcbs(plan.ob * g.Kh);
     std::vector<const acc_t*> rowp(plan.ob * g.Kh);
@@ -235,13 +242,22 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
       }
     };
     for (int64_t task; (task = next()) >= 0;) {
-      if (plan.nb == 1) {
+      if (!images) {
         const int64_t chunk = task % plan.chunks, rest = task / plan.chunks;
         run_band(rest / plan.bands, chunk, rest % plan.bands, nullptr);
         continue;
       }
       const int64_t b0 = task * plan.nb, nb = std::min(plan.nb, g.B - b0), P = nb * H * W;
-      Operand<acc_t> X = image_operand<acc_t>(src, H, W, b0, nb, 0, H, Xs.get());
+      Operand<acc_t> X{Xs.get(), g.M, false};
+      if constexpr (is_float) {
+        if (cl_gather) {
+          for (int64_t i = 0; i < nb; ++i) {
+            transpose(g.M, H * W, x + (b0 + i) * g.M * H * W, H * W, Xs.get() + i * H * W * g.M,
+                      g.M);
+          }
+        }
+      }
+      if (!cl_gather) X = image_operand<acc_t>(src, H, W, b0, nb, 0, H, Xs.get());
       if (S) X = project_u(g, X, P, w, Us.get());
       for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
         const int64_t n0 = chunk * plan.nc, ncur = std::min(plan.nc, N - n0);
@@ -918,17 +934,20 @@ class PackedWeights {
 
 // BSConv-U with an NCHW float x whose projection runs as a GEMM on packed weights: whether the
 // kernels read a channels-last copy of x, made once per call (y and gx stay NCHW), rather than
-// transpose each block of x rows for the GEMM. The per-block transposes pay for fewer passes
-// over memory as long as few channel chunks repeat them:
-// - forward: at most two chunks, one image per task (measured on the 2-core build machine:
-//   256->256 28x28 B=8, two chunks, ~8% faster per block; 256->512 28x28 B=8, four chunks,
-//   ~6% slower; grouped 7x7 images, whose x is gathered first, ~35% slower);
+// transpose x inside the kernel. The in-kernel transposes pay for fewer passes over memory:
+// - forward: per block of x rows when at most two chunks repeat them, one image per task
+//   (256->256 28x28 B=8, two chunks, ~8% faster than the copy on the 2-core build machine);
+//   per task of whole images, once for all chunks, where forward_image_tasks_cm takes them
+//   (grouped small images; more chunks with an image per thread: 256->512 28x28 B=8 and
+//   512->512 14x14 B=8, four chunks, 3-12% faster than the copy, ~ the channels-last x's
+//   time); else the copy (per-block transposes repeated by four chunks were ~6% slower);
 // - backward (a task transposes once, for all channels): inputs of up to kSmallProjK channels.
 bool nchw_x_read_channels_last(const Geometry& g, const at::Tensor& x, bool forward) {
   if (x.scalar_type() != at::kFloat || g.subspace() || !use_panels(g, true)) return false;
   if (!forward) return g.M > kSmallProjK;
-  const ForwardPlan plan = forward_plan(g, sizeof(float), useful_threads(forward_flops(g)), true);
-  return plan.chunks > 2 || plan.nb > 1;
+  const int64_t threads = useful_threads(forward_flops(g));
+  const ForwardPlan plan = forward_plan(g, sizeof(float), threads, true);
+  return (plan.chunks > 2 || plan.nb > 1) && !forward_image_tasks_cm(g, plan, threads);
 }
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,

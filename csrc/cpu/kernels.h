@@ -403,6 +403,22 @@ inline ForwardPlan forward_plan(const Geometry& g, int64_t acc_size, int64_t thr
   return p;
 }
 
+// Channel-major float x (NCHW) projected by GEMMs on packed panels, BSConv-U: tasks of whole
+// images that transpose their x once into channels-last scratch and run every channel chunk on
+// it. For grouped small images (nb > 1) always; for one image per task when more than two
+// chunks would each transpose its rows again, as long as every thread gets an image and the
+// image's x fits kImageGatherBytes (else x is copied channels-last before the kernel, see
+// nchw_x_read_channels_last). That copy writes and re-reads a tensor the size of x: in a
+// 256->512 28x28 B=8 forward on two threads, 5.7% of the perf samples were its transpose, and
+// the NCHW forward took 12% longer than the channels-last one in the benchmark.
+constexpr int64_t kImageGatherBytes = 2 << 20;
+inline bool forward_image_tasks_cm(const Geometry& g, const ForwardPlan& p, int64_t threads) {
+  if (g.subspace()) return false;
+  if (p.nb > 1) return true;
+  return p.chunks > 2 && p.bands == 1 && g.B >= threads &&
+         g.H * g.W * g.M * int64_t(sizeof(float)) <= kImageGatherBytes;
+}
+
 // Backward: tasks are bands of `nr` v rows of one image, or `nb` whole images.
 struct BackwardPlan {
   int64_t nb = 1, nr = 1;
