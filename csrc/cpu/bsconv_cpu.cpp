@@ -412,8 +412,13 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
       if (!e.id) cols_nid.push_back(e);
     }
   }
+  // NCHW float x of more than kSmallProjK channels with packed weights: each task transposes
+  // its x rows once into channels-last scratch, read by the recompute and the weight gradient
+  // (fewer channels: each GEMM takes the channel-major rows as a transposed operand).
+  constexpr bool is_float = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
+  const bool x_gather_cl = is_float && !x_cl && !S && w.wvp != nullptr && M > kSmallProjK;
   // x and gx in place (else gathered / scattered through scratch).
-  const bool x_inplace = same && (x_cl || plan.nb == 1);
+  const bool x_inplace = same && (x_cl || plan.nb == 1) && !x_gather_cl;
   // gx straight from the GEMM into its rows (else through the gxs scratch): channels-last,
   // or channel-major unless the input-gradient GEMM reads packed weights or more than
   // kSmallProjK input channels (`gx_via_cl`): then a GEMM into channels-last scratch and one
@@ -489,7 +494,16 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
         const int64_t P = nbt * rows * W, pcbs = P * kLanes;  // B8 stride of task buffers
 
         // 1. Recompute the patch: v (pre-activation) and act(v).
-        const Operand<acc_t> X = image_operand<acc_t>(xi, H, W, b0, nbt, r0, r1, Xs.get());
+        Operand<acc_t> X{Xs.get(), M, false};
+        if constexpr (is_float) {
+          if (x_gather_cl) {
+            for (int64_t i = 0; i < nbt; ++i) {
+              transpose(M, rows * W, x + (b0 + i) * M * HW + r0 * W, HW,
+                        Xs.get() + i * rows * W * M, M);
+            }
+          }
+        }
+        if (!x_gather_cl) X = image_operand<acc_t>(xi, H, W, b0, nbt, r0, r1, Xs.get());
         // BSConv-S: u = W1 x for the task's pixels.
         Operand<acc_t> Ut{nullptr, 0, true};
         if (S) Ut = project_u(g, X, P, w, Us.get());
@@ -933,18 +947,20 @@ class PackedWeights {
 };
 
 // BSConv-U with an NCHW float x whose projection runs as a GEMM on packed weights: whether the
-// kernels read a channels-last copy of x, made once per call (y and gx stay NCHW), rather than
+// forward reads a channels-last copy of x, made once per call (y stays NCHW), rather than
 // transpose x inside the kernel. The in-kernel transposes pay for fewer passes over memory:
 // - forward: per block of x rows when at most two chunks repeat them, one image per task
 //   (256->256 28x28 B=8, two chunks, ~8% faster than the copy on the 2-core build machine);
 //   per task of whole images, once for all chunks, where forward_image_tasks_cm takes them
 //   (grouped small images; more chunks with an image per thread: 256->512 28x28 B=8 and
 //   512->512 14x14 B=8, four chunks, 3-12% faster than the copy, ~ the channels-last x's
-//   time); else the copy (per-block transposes repeated by four chunks were ~6% slower);
-// - backward (a task transposes once, for all channels): inputs of up to kSmallProjK channels.
-bool nchw_x_read_channels_last(const Geometry& g, const at::Tensor& x, bool forward) {
+//   time); else the copy (per-block transposes repeated by four chunks were ~6% slower).
+// The backward never copies: a task transposes its x rows once for both of its GEMMs (more
+// than kSmallProjK channels; as fast as the copy was, within 1-2%, without its x-sized
+// temporary), or its GEMMs read the channel-major rows (fewer channels: 3-10% faster than the
+// copy).
+bool nchw_x_read_channels_last(const Geometry& g, const at::Tensor& x) {
   if (x.scalar_type() != at::kFloat || g.subspace() || !use_panels(g, true)) return false;
-  if (!forward) return g.M > kSmallProjK;
   const int64_t threads = useful_threads(forward_flops(g));
   const ForwardPlan plan = forward_plan(g, sizeof(float), threads, true);
   return (plan.chunks > 2 || plan.nb > 1) && !forward_image_tasks_cm(g, plan, threads);
@@ -972,7 +988,7 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
     return y;
   }
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const bool x_cl = cl || nchw_x_read_channels_last(g, x, true);
+  const bool x_cl = cl || nchw_x_read_channels_last(g, x);
   const at::Tensor xc =
       standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt, kSlotInput);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -1017,7 +1033,7 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pw
   if (mask[kGbias] && g.B == 0) gbias.zero_();
 
   {
-    const bool x_cl = cl || nchw_x_read_channels_last(g, x, false);
+    const bool x_cl = cl;  // NCHW x: transposed per task where that pays (backward_kernel)
     const at::Tensor xc =
         work ? standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt, kSlotInput) : x;
     const at::Tensor gyc = g.B > 0 ? standard_layout(grad_y, fmt, kSlotGradOut) : grad_y;
