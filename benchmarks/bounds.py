@@ -16,10 +16,12 @@ out of reach for that shape on this machine, whatever the depthwise and memory c
 The peak is that of one large square GEMM; the narrow GEMMs of real layers run slower.
 ``--measure`` replaces the peak by a measurement: for every case of the suite it times, side by
 side in one round-robin run, the eager baselines, the fused op and the design's projection
-GEMMs alone (``torch.mm`` into preallocated outputs, the same shapes the fused kernels run:
+GEMMs alone (each the faster of ``torch.mm`` into a preallocated output and the channels-last 1x1
+convolution of the layer's images, i.e. the kernels eager runs; the shapes the fused kernels run:
 per projection one GEMM forward; forward + backward adds the recompute, the input gradient and
-the weight gradient). Nothing of this design can beat those GEMMs, so best eager / GEMMs-alone
-bounds its speedup at this machine's real GEMM rate for the shape:
+the weight gradient). Best eager / GEMMs-alone bounds the speedup of this design at the rate the
+libraries reach on the layer's shapes: a fused op beats it only by running its GEMMs faster than
+MKL and oneDNN do (``fused / GEMMs`` below 1):
 
     python benchmarks/bounds.py --measure [--threads N] [--shapes RE] [--markdown OUT]
 """
@@ -107,31 +109,47 @@ def gemm_plan(pw_shapes: list[tuple[int, int]], pixels: int, mode: str) -> list[
     return fwd + [("recompute", r, k, c) for _, r, k, c in fwd] + back
 
 
-def _gemm_candidates(role: str, rows: int, inner: int, cols: int,
-                     gen: object) -> list[tuple[str, Callable[[], object]]]:
-    """Ways to run one GEMM of the plan: ``torch.mm`` (MKL) into a preallocated output and,
-    for the pixels-major products, the 1x1 convolution of a channels-last image (oneDNN)."""
+def _gemm_candidates(role: str, rows: int, inner: int, cols: int, gen: object,
+                     image: tuple[int, int, int] | None = None
+                     ) -> list[tuple[str, Callable[[], object]]]:
+    """Ways to run one GEMM of the plan: ``torch.mm`` (MKL) into a preallocated output, and the
+    1x1 convolution that is this GEMM on channels-last images (oneDNN, the kernels eager runs):
+    its forward for the pixels-major products, its weight gradient for ``wgrad``. ``image``:
+    (batch, height, width) of the pixels (default: one column of ``rows`` or ``inner`` pixels).
+    """
     import torch
-    import torch.nn.functional as F
+
+    pixels = inner if role == "wgrad" else rows
+    b, h, w = image if image is not None else (1, pixels, 1)
+    if b * h * w != pixels:
+        raise ValueError(f"image {image} does not hold {pixels} pixels")
+
+    def channels_last(mat: torch.Tensor) -> torch.Tensor:  # [pixels, c] -> [b, c, h, w]
+        c = mat.shape[1]
+        return mat.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
     if role == "wgrad":  # G^T [out, pixels] x X [pixels, in]
-        a = torch.randn(inner, rows, generator=gen).t()
-        b = torch.randn(inner, cols, generator=gen)
-    else:  # [pixels, in] x W^T
-        a = torch.randn(rows, inner, generator=gen)
-        b = torch.randn(cols, inner, generator=gen).t()
+        g_pix = torch.randn(inner, rows, generator=gen)
+        x_pix = torch.randn(inner, cols, generator=gen)
+        a, bm = g_pix.t(), x_pix
+        out = torch.empty(rows, cols)
+        weight = torch.empty(rows, cols, 1, 1)
+        g_img, x_img = channels_last(g_pix), channels_last(x_pix)
+        return [("mm", lambda: torch.mm(a, bm, out=out)),
+                ("conv1x1_wgrad", lambda: torch.ops.aten.convolution_backward(
+                    g_img, x_img, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                    [False, True, False])[1])]
+    a = torch.randn(rows, inner, generator=gen)  # [pixels, in] x W^T
+    w_mat = torch.randn(cols, inner, generator=gen)
+    bm = w_mat.t()
     out = torch.empty(rows, cols)
-    found: list[tuple[str, Callable[[], object]]] = [
-        ("mm", lambda: torch.mm(a, b, out=out))]
-    if role != "wgrad":
-        image = a.t().reshape(1, inner, rows, 1).contiguous(memory_format=torch.channels_last)
-        weight = b.t().contiguous().reshape(cols, inner, 1, 1)
-        found.append(("conv1x1", lambda: F.conv2d(image, weight)))
-    return found
+    image_in, weight = channels_last(a), w_mat.reshape(cols, inner, 1, 1)
+    return [("mm", lambda: torch.mm(a, bm, out=out)),
+            ("conv1x1", lambda: torch.nn.functional.conv2d(image_in, weight))]
 
 
-def gemm_step(plan: list[tuple[str, int, int, int]], seed: int = 0,
-              probe_reps: int = 5) -> tuple[Callable[[], None], list[str]]:
+def gemm_step(plan: list[tuple[str, int, int, int]], seed: int = 0, probe_reps: int = 5,
+              image: tuple[int, int, int] | None = None) -> tuple[Callable[[], None], list[str]]:
     """One call of the plan's GEMMs (float32), each run the faster of its candidates (picked
     by a few timed calls now), and the names picked. Operands are laid out as the fused
     kernels hold them (pixels-major activations)."""
@@ -143,7 +161,7 @@ def gemm_step(plan: list[tuple[str, int, int, int]], seed: int = 0,
     chosen, names = [], []
     for role, rows, inner, cols in plan:
         best = None
-        for name, fn in _gemm_candidates(role, rows, inner, cols, gen):
+        for name, fn in _gemm_candidates(role, rows, inner, cols, gen, image):
             fn()
             times = []
             for _ in range(probe_reps):
@@ -183,7 +201,7 @@ def measure_rows(layers: list, batches: list[int], modes: list[str], repeats: in
                 for v in variants:
                     case = bench.leaves(problem, v, torch.float32, mode != "fwd")
                     steps[v.name] = lambda case=case, mode=mode: case.step(mode)
-                steps["gemms"], picked = gemm_step(plan)
+                steps["gemms"], picked = gemm_step(plan, image=(batch, layer.h, layer.w))
                 t = bench.time_round_robin(steps, lambda: None, warmup=1, repeats=repeats,
                                            min_repeats=min(5, repeats), budget=budget)
                 med = {k: v.median_ms for k, v in t.items()}
@@ -202,8 +220,9 @@ def measure_rows(layers: list, batches: list[int], modes: list[str], repeats: in
 
 def render_measured(rows: list[dict], threads: int) -> str:
     out = [f"{threads} thread(s); `GEMMs ms` = the projection GEMMs alone (per projection 1 "
-           "forward, 4 forward+backward; each the faster of torch.mm (MKL) and a channels-last "
-           "1x1 convolution (oneDNN)), timed in the same round-robin as the "
+           "forward, 4 forward+backward; each the faster of torch.mm (MKL) and the channels-last "
+           "1x1 convolution of the layer's images (oneDNN: its forward, or its weight gradient)), "
+           "timed in the same round-robin as the "
            "baselines; max x = best eager / GEMMs alone; fused / GEMMs: how far the fused op "
            "is above that floor", "",
            "| layer | B | mode | best eager ms | fused ms | fused_cl ms | GEMMs ms | GFLOP/s of "

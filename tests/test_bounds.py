@@ -49,20 +49,26 @@ def test_plan_runs_the_design_gemms(name: str, mode: str, factor: int,
         assert (role, rows, cols) == ("igrad", batch * layer.h * layer.w, layer.m)
 
 
-def test_gemm_candidates_compute_the_same_product() -> None:
+@pytest.mark.parametrize("image", [None, (2, 4, 5)])
+def test_gemm_candidates_compute_the_same_product(image) -> None:
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    (mm_name, mm), (conv_name, conv) = bounds._gemm_candidates("proj", 40, 16, 24, gen)
+    (mm_name, mm), (conv_name, conv) = bounds._gemm_candidates("proj", 40, 16, 24, gen, image)
     assert (mm_name, conv_name) == ("mm", "conv1x1")
     product = mm()
     assert product.shape == (40, 24)
-    image = conv()  # [1, cols, rows, 1]
-    torch.testing.assert_close(image[0, :, :, 0].t(), product, rtol=1e-5, atol=1e-5)
-    (only,) = bounds._gemm_candidates("wgrad", 24, 40, 16, gen)  # no convolution form
-    assert only[0] == "mm" and only[1]().shape == (24, 16)
-    step, picked = bounds.gemm_step([("proj", 40, 16, 24), ("wgrad", 24, 40, 16)], probe_reps=1)
-    assert picked[0] in ("mm", "conv1x1") and picked[1] == "mm"
+    out = conv()  # [b, cols, h, w] channels-last: pixels-major it is the product
+    torch.testing.assert_close(out.permute(0, 2, 3, 1).reshape(40, 24), product, rtol=1e-5,
+                               atol=1e-5)
+    (mm_name, mm), (conv_name, conv) = bounds._gemm_candidates("wgrad", 24, 40, 16, gen, image)
+    assert (mm_name, conv_name) == ("mm", "conv1x1_wgrad")
+    torch.testing.assert_close(conv()[:, :, 0, 0], mm(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not hold 40 pixels"):
+        bounds._gemm_candidates("proj", 40, 16, 24, gen, (1, 4, 5))
+    step, picked = bounds.gemm_step([("proj", 40, 16, 24), ("wgrad", 24, 40, 16)], probe_reps=1,
+                                    image=image)
+    assert picked[0] in ("mm", "conv1x1") and picked[1] in ("mm", "conv1x1_wgrad")
     step()
 
 
