@@ -207,6 +207,22 @@ def test_nchw_whole_image_tasks(threads, B, H, W, N, stride):
         torch.set_num_threads(prev)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_backward_groups_images_beyond_the_budget(threads, layout):
+    # 9x9 images of 300 -> 400 channels: one image's backward buffers exceed the per-task
+    # budget, so tasks take ceil(256 / 81) = 4 images (a group of 4 and a group of 1 at B=5).
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    p = make_problem("u", B=5, M=300, N=400, H=9, W=9, padding=1, mid_affine=True,
+                     mid_activation="relu6")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_lowp(p.cast(torch.float32, fmt), seed=7)
+    finally:
+        torch.set_num_threads(prev)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "permuted"])
 @pytest.mark.parametrize("variant", ["u", "s"])
 def test_memory_formats(layout, variant):
