@@ -8,7 +8,8 @@ import random
 
 import pytest
 import torch
-from helpers import assert_accurate, fused_op_ran, grads, magnitudes, make_problem, max_err
+from helpers import (assert_accurate, fused_op_ran, grads, magnitudes, make_problem, max_err,
+                     num_threads)
 
 torch.manual_seed(0)
 
@@ -103,9 +104,7 @@ def test_small_images_projected_in_groups(threads, layout, variant):
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     p = make_problem(variant, B=7, M=72, N=136, mid=20, H=5, W=6, padding=1, stride=(1, 2),
                      padding_mode="reflect", mid_activation="relu", mid_affine=True)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         p64 = p.cast(torch.float64, fmt)
         y64, r64 = p64.fused(), p64.reference()
         assert max_err(y64, r64) <= F64_TOL * r64.abs().max().item()
@@ -115,8 +114,6 @@ def test_small_images_projected_in_groups(threads, layout, variant):
                          generator=torch.Generator().manual_seed(2))
         for a, b in zip(grads(y64, p64.inputs(), gy), grads(r64, p64.inputs(), gy)):
             assert max_err(a, b) <= F64_TOL * max(1.0, b.abs().max().item())
-    finally:
-        torch.set_num_threads(prev)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -182,12 +179,8 @@ def test_channel_chunks_start_on_panels(threads, layout, M, N, H):
     # on a panel. Chunks of 48, 40 or 56 channels read the wrong columns: y was off by O(1).
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     p = make_problem("u", B=1, M=M, N=N, H=H, W=H, padding=1, padding_mode="reflect")
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         check_lowp(p.cast(torch.float32, fmt), seed=5)
-    finally:
-        torch.set_num_threads(prev)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
@@ -199,12 +192,8 @@ def test_nchw_whole_image_tasks(threads, B, H, W, N, stride):
     # (9 x 10 images: groups of several images); the last chunk of N = 300 is 44 wide.
     p = make_problem("u", B=B, M=80, N=N, H=H, W=W, padding=1, stride=stride,
                      mid_activation="hardswish", mid_affine=True)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         check_lowp(p.cast(torch.float32), seed=6)
-    finally:
-        torch.set_num_threads(prev)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -215,12 +204,8 @@ def test_backward_groups_images_beyond_the_budget(threads, layout):
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     p = make_problem("u", B=5, M=300, N=400, H=9, W=9, padding=1, mid_affine=True,
                      mid_activation="relu6")
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         check_lowp(p.cast(torch.float32, fmt), seed=7)
-    finally:
-        torch.set_num_threads(prev)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "permuted"])
@@ -430,12 +415,8 @@ def test_random_shapes_against_float64(threads):
     # Random layers on several threads, where the tiling splits channels, bands and image
     # groups in shape-dependent ways (the panel alignment of the channel chunks was found so).
     rng = random.Random(threads)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         for i in range(24):
             p = _random_problem(rng)
             fmt = torch.channels_last if i % 2 else torch.contiguous_format
             check_lowp(p.cast(torch.bfloat16 if i % 3 == 2 else torch.float32, fmt), seed=i)
-    finally:
-        torch.set_num_threads(prev)
