@@ -905,6 +905,13 @@ class PackedWeights {
     // taps[k][n] = dw[n][k]; wpt[k][n] = Wv[n][k] (small projections).
     auto transposed_padded = [&](const scalar_t* src, int64_t rows_k, int64_t off) {
       acc_t* d = B + off;
+      if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+        // The vector transpose: the element loop below writes a cache line per element
+        // (stride Np), 10% of the perf samples of a 64->64 8x8 B=1 forward (32.1 -> 30.6 us).
+        transpose(N, rows_k, src, rows_k, d, Np);
+        for (int64_t k = 0; k < rows_k; ++k) std::fill(d + k * Np + N, d + (k + 1) * Np, 0.f);
+        return d;
+      }
       std::fill(d, d + rows_k * Np, acc_t(0));
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t k = 0; k < rows_k; ++k) d[k * Np + n] = acc_t(src[n * rows_k + k]);
