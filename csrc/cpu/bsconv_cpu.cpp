@@ -248,16 +248,13 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
         continue;
       }
       const int64_t b0 = task * plan.nb, nb = std::min(plan.nb, g.B - b0), P = nb * H * W;
-      Operand<acc_t> X{Xs.get(), g.M, false};
+      Operand<acc_t> X;
       if constexpr (is_float) {
-        if (cl_gather) {
-          for (int64_t i = 0; i < nb; ++i) {
-            transpose(g.M, H * W, x + (b0 + i) * g.M * H * W, H * W, Xs.get() + i * H * W * g.M,
-                      g.M);
-          }
-        }
+        X = cl_gather ? image_operand_cl(src, H, W, b0, nb, 0, H, Xs.get())
+                      : image_operand<acc_t>(src, H, W, b0, nb, 0, H, Xs.get());
+      } else {
+        X = image_operand<acc_t>(src, H, W, b0, nb, 0, H, Xs.get());
       }
-      if (!cl_gather) X = image_operand<acc_t>(src, H, W, b0, nb, 0, H, Xs.get());
       if (S) X = project_u(g, X, P, w, Us.get());
       for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
         const int64_t n0 = chunk * plan.nc, ncur = std::min(plan.nc, N - n0);
@@ -494,16 +491,13 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
         const int64_t P = nbt * rows * W, pcbs = P * kLanes;  // B8 stride of task buffers
 
         // 1. Recompute the patch: v (pre-activation) and act(v).
-        Operand<acc_t> X{Xs.get(), M, false};
+        Operand<acc_t> X;
         if constexpr (is_float) {
-          if (x_gather_cl) {
-            for (int64_t i = 0; i < nbt; ++i) {
-              transpose(M, rows * W, x + (b0 + i) * M * HW + r0 * W, HW,
-                        Xs.get() + i * rows * W * M, M);
-            }
-          }
+          X = x_gather_cl ? image_operand_cl(xi, H, W, b0, nbt, r0, r1, Xs.get())
+                          : image_operand<acc_t>(xi, H, W, b0, nbt, r0, r1, Xs.get());
+        } else {
+          X = image_operand<acc_t>(xi, H, W, b0, nbt, r0, r1, Xs.get());
         }
-        if (!x_gather_cl) X = image_operand<acc_t>(xi, H, W, b0, nbt, r0, r1, Xs.get());
         // BSConv-S: u = W1 x for the task's pixels.
         Operand<acc_t> Ut{nullptr, 0, true};
         if (S) Ut = project_u(g, X, P, w, Us.get());

@@ -243,6 +243,18 @@ Operand<T> image_operand(const Image<S>& img, int64_t H, int64_t W, int64_t b0, 
   return {scratch, P, true};
 }
 
+// The same pixels of a channel-major float image batch, transposed into channels-last
+// `scratch` (P * C elements): one pass for all the GEMMs that read them.
+inline Operand<float> image_operand_cl(const Image<float>& img, int64_t H, int64_t W, int64_t b0,
+                                       int64_t nb, int64_t r0, int64_t r1, float* scratch) {
+  const int64_t run = (r1 - r0) * W;
+  for (int64_t i = 0; i < nb; ++i) {
+    transpose(img.C, run, img.p + (b0 + i) * img.bstride + r0 * W, img.cstride,
+              scratch + i * run * img.C, img.C);
+  }
+  return {scratch, img.C, false};
+}
+
 // The GEMMs of the projections, on per-pixel matrices of either layout (MKL runs narrow
 // outputs - few channels - much faster with the pixels in the leading dimension, so without
 // packed weights u and its gradient are kept channel-major; v and gv are channels-last for the
