@@ -248,13 +248,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
         continue;
       }
       const int64_t b0 = task * plan.nb, nb = std::min(plan.nb, g.B - b0), P = nb * H * W;
-      Operand<acc_t> X;
-      if constexpr (is_float) {
-        X = cl_gather ? image_operand_cl(src, H, W, b0, nb, 0, H, Xs.get())
-                      : image_operand<acc_t>(src, H, W, b0, nb, 0, H, Xs.get());
-      } else {
-        X = image_operand<acc_t>(src, H, W, b0, nb, 0, H, Xs.get());
-      }
+      Operand<acc_t> X = image_operand<acc_t>(src, H, W, b0, nb, 0, H, Xs.get(), cl_gather);
       if (S) X = project_u(g, X, P, w, Us.get());
       for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
         const int64_t n0 = chunk * plan.nc, ncur = std::min(plan.nc, N - n0);
@@ -491,13 +485,8 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
         const int64_t P = nbt * rows * W, pcbs = P * kLanes;  // B8 stride of task buffers
 
         // 1. Recompute the patch: v (pre-activation) and act(v).
-        Operand<acc_t> X;
-        if constexpr (is_float) {
-          X = x_gather_cl ? image_operand_cl(xi, H, W, b0, nbt, r0, r1, Xs.get())
-                          : image_operand<acc_t>(xi, H, W, b0, nbt, r0, r1, Xs.get());
-        } else {
-          X = image_operand<acc_t>(xi, H, W, b0, nbt, r0, r1, Xs.get());
-        }
+        const Operand<acc_t> X =
+            image_operand<acc_t>(xi, H, W, b0, nbt, r0, r1, Xs.get(), x_gather_cl);
         // BSConv-S: u = W1 x for the task's pixels.
         Operand<acc_t> Ut{nullptr, 0, true};
         if (S) Ut = project_u(g, X, P, w, Us.get());

@@ -216,11 +216,22 @@ struct Image {
 
 // Pixels [r0 * W, r1 * W) of images [b0, b0 + nb) of `img` as an Operand of type T. In place
 // when the types match and the pixels are evenly strided (one image, or images adjacent in
-// memory); otherwise gathered (and converted) into `scratch` (P * C elements).
+// memory); otherwise gathered (and converted) into `scratch` (P * C elements). `to_cl`: a
+// channel-major float image is transposed into channels-last scratch instead (one pass for all
+// the GEMMs that read the pixels).
 template <typename T, typename S>
 Operand<T> image_operand(const Image<S>& img, int64_t H, int64_t W, int64_t b0, int64_t nb,
-                         int64_t r0, int64_t r1, T* scratch) {
+                         int64_t r0, int64_t r1, T* scratch, bool to_cl = false) {
   const int64_t HW = H * W, run = (r1 - r0) * W, P = nb * run, C = img.C;
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float>) {
+    if (to_cl && img.cm) {
+      for (int64_t i = 0; i < nb; ++i) {
+        transpose(C, run, img.p + (b0 + i) * img.bstride + r0 * W, img.cstride,
+                  scratch + i * run * C, C);
+      }
+      return {scratch, C, false};
+    }
+  }
   if (!img.cm) {
     const S* p = img.p + (b0 * HW + r0 * W) * C;  // nb > 1 only with whole images: contiguous
     if constexpr (std::is_same_v<S, T>) {
@@ -241,18 +252,6 @@ Operand<T> image_operand(const Image<S>& img, int64_t H, int64_t W, int64_t b0, 
     }
   }
   return {scratch, P, true};
-}
-
-// The same pixels of a channel-major float image batch, transposed into channels-last
-// `scratch` (P * C elements): one pass for all the GEMMs that read them.
-inline Operand<float> image_operand_cl(const Image<float>& img, int64_t H, int64_t W, int64_t b0,
-                                       int64_t nb, int64_t r0, int64_t r1, float* scratch) {
-  const int64_t run = (r1 - r0) * W;
-  for (int64_t i = 0; i < nb; ++i) {
-    transpose(img.C, run, img.p + (b0 + i) * img.bstride + r0 * W, img.cstride,
-              scratch + i * run * img.C, img.C);
-  }
-  return {scratch, img.C, false};
 }
 
 // The GEMMs of the projections, on per-pixel matrices of either layout (MKL runs narrow
@@ -455,8 +454,8 @@ inline BackwardPlan backward_plan(const Geometry& g, int64_t bytes_per_pixel,
   BackwardPlan p;
   if (g.B == 0 || g.H == 0 || g.W == 0) return p;
   const int64_t HW = g.H * g.W;
-  const int64_t max_px = std::max({g.W, kBackwardMinPixels,
-                                   kBackwardBudget / std::max<int64_t>(bytes_per_pixel, 1)});
+  const int64_t budget_px = kBackwardBudget / std::max<int64_t>(bytes_per_pixel, 1);
+  const int64_t max_px = std::max({g.W, kBackwardMinPixels, budget_px});
   int64_t bands = ceil_div(HW, max_px), groups_of_images = g.B;
   auto count = [&] {
     bands = std::min(bands, g.H);
@@ -472,7 +471,7 @@ inline BackwardPlan backward_plan(const Geometry& g, int64_t bytes_per_pixel,
     // least kBackwardMinPixels pixels, rounded up (512->512 14x14 images go two to a task, not
     // one of 196 pixels: its B=8 backward on two threads 11-13% faster in five of six A/B
     // runs; 128->128, whose image fits, was 6-15% slower in pairs).
-    const int64_t fit = kBackwardBudget / std::max<int64_t>(bytes_per_pixel, 1) / HW;
+    const int64_t fit = budget_px / HW;
     const int64_t per_task = fit > 0 ? fit : ceil_div(kBackwardMinPixels, HW);
     groups_of_images = ceil_div(g.B, std::clamp<int64_t>(per_task, 1, g.B));
   }
