@@ -31,9 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+from bsconv_fused import bench  # noqa: E402  (its option parsers; --measure runs its layers)
 
 
 def projection_flops(r: dict) -> float:
@@ -185,7 +189,6 @@ def measure_rows(layers: list, batches: list[int], modes: list[str], repeats: in
                  budget: float, progress: Callable[[str], None]) -> list[dict]:
     """best eager, fused and GEMMs-alone medians per case, all timed in one round-robin."""
     import torch
-    from bsconv_fused import bench
 
     variants = [bench.Variant("ref_nchw", "reference"),
                 bench.Variant("ref_cl", "reference", channels_last=True),
@@ -257,10 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", action="store_true",
                    help="time the projection GEMMs alone beside the baselines instead")
     p.add_argument("--shapes", default=None, help="with --measure: layers, as the benchmark's")
-    p.add_argument("--batch", default="1,8", help="with --measure: batch sizes (default 1,8)")
+    p.add_argument("--batch", type=bench._int_list, default=[1, 8],
+                   help="with --measure: batch sizes (default 1,8)")
     p.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--repeats", type=int, default=15, help="with --measure: rounds per case")
+    p.add_argument("--threads", type=bench._positive, default=None, help="torch.set_num_threads")
+    p.add_argument("--repeats", type=bench._positive, default=15,
+                   help="with --measure: rounds per case")
     p.add_argument("--budget", type=float, default=1.5,
                    help="with --measure: seconds of timing per case that bound the repeats")
     p.add_argument("--markdown", type=Path, help="also write the table here")
@@ -270,26 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         import torch
 
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a source checkout
-        from bsconv_fused import bench
-
         if args.threads:
-            if args.threads < 1:
-                p.error(f"argument --threads: expected a count >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
-        if args.repeats < 1:
-            p.error(f"argument --repeats: expected a count >= 1, got {args.repeats}")
         try:
-            batches = [int(b) for b in args.batch.split(",") if b.strip()]
-        except ValueError:
-            p.error(f"argument --batch: expected comma-separated ints, got {args.batch!r}")
-        if not batches or min(batches) < 1:
-            p.error(f"argument --batch: expected positive ints, got {args.batch!r}")
-        layers = bench.select_layers("default", args.shapes)
+            layers = bench.select_layers("default", args.shapes)
+        except re.error as exc:
+            p.error(f"argument --shapes: bad pattern: {exc}")
         if not layers:
             p.error(f"argument --shapes: no layer matches {args.shapes!r}")
         modes = ["fwd", "fwdbwd"] if args.mode == "both" else [args.mode]
-        rows = measure_rows(layers, batches, modes, args.repeats, args.budget,
+        rows = measure_rows(layers, args.batch, modes, args.repeats, args.budget,
                             lambda line: print(line, file=sys.stderr, flush=True))
         text = render_measured(rows, torch.get_num_threads())
     else:

@@ -85,7 +85,9 @@ def test_measure_one_tiny_layer(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.parametrize("argv", [[], ["x.json", "--measure"], ["--measure", "--batch", "0"],
-                                  ["--measure", "--shapes", "no-such-layer"]])
+                                  ["--measure", "--threads", "0"],
+                                  ["--measure", "--shapes", "no-such-layer"],
+                                  ["--measure", "--shapes", "b0[1"]])
 def test_bad_arguments(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         bounds.main(argv)
