@@ -20,7 +20,10 @@ except (ImportError, OSError) as exc:  # not built, or built against another tor
 if _error is None:
     from . import ops as _ops
 
+    from . import _args as _args_mod
+
     _ops.register(getattr(_C, "forward", None))
+    _args_mod.call_key = getattr(_C, "call_key", None)
 
 
 class _State(threading.local):

@@ -10,6 +10,8 @@
 // whole dispatcher (autograd, autocast, Python dispatch modes, tracing), as torch.ops does.
 #include <Python.h>
 
+#include <string>
+
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -59,7 +61,100 @@ PyObject* forward(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
   END_HANDLE_TH_ERRORS
 }
 
+// The bytes a tensor contributes to a call key: its kind (0 None, 1 a tensor), dtype,
+// device type and index, dim and sizes.
+void key_tensor(std::string& k, const at::Tensor* t) {
+  if (t == nullptr) {
+    k.push_back(0);
+    return;
+  }
+  const int64_t head[] = {1, int64_t(t->scalar_type()), int64_t(t->device().type()),
+                          int64_t(t->device().index()), t->dim()};
+  k.append(reinterpret_cast<const char*>(head), sizeof(head));
+  k.append(reinterpret_cast<const char*>(t->sizes().data()), t->dim() * sizeof(int64_t));
+}
+
+// The bytes of an option: an int, a str, None, or a tuple / list of ints (false: anything
+// else, a bool included, which the caller keys the slow way).
+bool key_option(std::string& k, PyObject* o) {
+  auto put = [&](int64_t v) { k.append(reinterpret_cast<const char*>(&v), sizeof(v)); };
+  auto put_int = [&](PyObject* i) {
+    if (!PyLong_CheckExact(i)) return false;
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(i, &overflow);
+    if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+      PyErr_Clear();
+      return false;
+    }
+    put(v);
+    return true;
+  };
+  if (o == Py_None) {
+    k.push_back('n');
+    return true;
+  }
+  if (PyLong_CheckExact(o)) {
+    k.push_back('i');
+    return put_int(o);
+  }
+  if (PyUnicode_CheckExact(o)) {
+    Py_ssize_t n = 0;
+    const char* s = PyUnicode_AsUTF8AndSize(o, &n);
+    if (s == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    k.push_back('s');
+    put(n);
+    k.append(s, size_t(n));
+    return true;
+  }
+  if (PyTuple_CheckExact(o) || PyList_CheckExact(o)) {
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+    PyObject** items = PySequence_Fast_ITEMS(o);
+    k.push_back('t');
+    put(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (!put_int(items[i])) return false;
+    }
+    return true;
+  }
+  return false;
+}
+
+constexpr Py_ssize_t kOptionArgs = 5;  // stride, padding, dilation, padding_mode, activation
+
+// call_key(x, pw1, pw2, dw, bias, scale, shift, stride, padding, dilation, padding_mode,
+// mid_activation): bytes that determine the validated options of a call (the shape, dtype and
+// device of every tensor and the option values), or None when an argument is not a plain
+// Tensor / Parameter / None or an option is of another type (the caller then keys the call
+// in Python). ~10x cheaper than the same key built from t.shape, t.dtype, t.device.
+PyObject* call_key(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == kTensorArgs + kOptionArgs, "bsconv_fused._C.call_key: expected ",
+                   kTensorArgs + kOptionArgs, " arguments, got ", nargs);
+  std::string k;
+  k.reserve(512);
+  for (Py_ssize_t i = 0; i < kTensorArgs; ++i) {
+    PyObject* o = args[i];
+    if (o == Py_None) {
+      key_tensor(k, nullptr);
+    } else if (THPVariable_CheckExact(o)) {
+      key_tensor(k, &THPVariable_Unpack(o));
+    } else {
+      Py_RETURN_NONE;
+    }
+  }
+  for (Py_ssize_t i = kTensorArgs; i < nargs; ++i) {
+    if (!key_option(k, args[i])) Py_RETURN_NONE;
+  }
+  return PyBytes_FromStringAndSize(k.data(), Py_ssize_t(k.size()));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
+    {"call_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call_key)),
+     METH_FASTCALL, "The options-cache key of a call (see bsconv_fused/_args.py)."},
     {"forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(forward)),
      METH_FASTCALL, "Eager call of bsconv_fused::forward (see bsconv_fused/ops.py)."},
     {nullptr, nullptr, 0, nullptr}};

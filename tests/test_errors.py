@@ -146,3 +146,71 @@ def test_remembered_signatures_still_reject_bad_input():
     y1 = functional.bsconv_u(x, pw, dw, stride=1, padding=1)
     y2 = reference.bsconv_u(x, pw, dw, stride=1, padding=1)
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+
+
+def test_call_key_captures_every_field_of_the_signature():
+    """The C++ key of the remembered signatures (bsconv_fused._C.call_key) changes with every
+    tensor's shape, dtype and device and with every option; arguments it cannot key exactly
+    (tensor subclasses, bools, floats, huge ints, non-tensors) give None, and the call is then
+    keyed in Python."""
+    from bsconv_fused import _args
+
+    call_key = _args.call_key
+    assert call_key is not None  # the extension was built and loaded
+    x, pw, dw = args()
+    base = [x, pw, None, dw, None, None, None, 1, 1, 1, "zeros", None]
+    k0 = call_key(*base)
+    assert isinstance(k0, bytes) and call_key(*base) == k0
+    # what does not change the options: layout, values, Parameter for Tensor
+    assert call_key(x.contiguous(memory_format=torch.channels_last), *base[1:]) == k0
+    assert call_key(torch.randn_like(x), torch.nn.Parameter(pw), *base[2:]) == k0
+    assert call_key(*base[:7], (1, 1), *base[8:]) == call_key(*base[:7], [1, 1], *base[8:])
+
+    changes = {
+        0: [x.double(), x[:1], x[:, :, :7], x.to("meta"), x.unsqueeze(0)],
+        1: [pw[:5], pw.double()],
+        2: [torch.randn(6, 6, 1, 1)],
+        3: [torch.randn(6, 1, 5, 5), torch.randn(6, 1, 3, 1)],
+        4: [torch.randn(6)],
+        5: [torch.randn(6)],
+        6: [torch.randn(6)],
+        7: [2, (1, 1), None],
+        8: [0, "same", "valid", (1, 1), [1, 1, 1, 1], -1],
+        9: [2, (1, 1)],
+        10: ["reflect", "zero", ""],
+        11: ["relu", "relu6"],
+    }
+    keys = [k0]
+    for i, values in changes.items():
+        for v in values:
+            keys.append(call_key(*base[:i], v, *base[i + 1:]))
+    assert all(isinstance(k, bytes) for k in keys)
+    assert len(set(keys)) == len(keys)  # all distinct
+
+    class Sub(torch.Tensor):
+        pass
+
+    not_keyed = {0: [x.as_subclass(Sub), x.numpy(), [1.0]], 3: [dw.as_subclass(Sub)],
+                 7: [True, 1.0, (1, True), 2 ** 70], 8: [(1, 1.0), {1: 1}], 10: [b"zeros"]}
+    for i, values in not_keyed.items():
+        for v in values:
+            assert call_key(*base[:i], v, *base[i + 1:]) is None, (i, v)
+
+
+def test_options_are_remembered_by_the_cpp_key():
+    from bsconv_fused import _args
+
+    x, pw, dw = args()
+    _args._options_cache.clear()
+    a = _args.normalize_cached("bsconv_u", x, [("pw_weight", pw)], dw, None, 1, 1, 1, "zeros",
+                               None, None, None)
+    b = _args.normalize_cached("bsconv_u", torch.randn_like(x), [("pw_weight", pw)], dw, None,
+                               1, 1, 1, "zeros", None, None, None)
+    assert b is a and len(_args._options_cache) == 1
+    assert a == _args.normalize("bsconv_u", x, [("pw_weight", pw)], dw, None, 1, 1, 1, "zeros",
+                                None, None, None)
+    # a bool option is keyed in Python (and rejected there, not remembered)
+    with pytest.raises(TypeError, match=r"stride must be an int or a pair of ints"):
+        _args.normalize_cached("bsconv_u", x, [("pw_weight", pw)], dw, None, True, 1, 1,
+                               "zeros", None, None, None)
+    assert len(_args._options_cache) == 1
