@@ -8,6 +8,8 @@
 // when nothing needs the Python op object: plain tensors, no torch function mode, not under
 // torch.compile (which must see torch.ops to trace the op). The call still goes through the
 // whole dispatcher (autograd, autocast, Python dispatch modes, tracing), as torch.ops does.
+//
+// call_key builds the key under which bsconv_fused._args remembers a call's validated options.
 #include <Python.h>
 
 #include <string>
