@@ -220,6 +220,8 @@ def normalize(
 
 _NOT_CACHEABLE = object()
 call_key = None  # the extension's key builder (csrc/python_call.cpp), set when it loads
+# The tag of each function (and number of projections) in call_key's keys.
+CALL_TAGS = {("bsconv_u", 1): 0, ("bsconv_s", 2): 1}
 _options_cache: dict = {}
 _OPTIONS_CACHE_MAX = 4096
 
@@ -249,24 +251,27 @@ def normalize_cached(*args: object) -> ConvOptions:
     (fn, x, pw_weights, dw_weight, dw_bias, stride, padding, dilation, padding_mode, mid_scale,
      mid_shift, mid_activation) = args
     fast = None
-    if call_key is not None and 1 <= len(pw_weights) <= 2:
+    tag = CALL_TAGS.get((fn, len(pw_weights)))
+    if call_key is not None and tag is not None:
         # The same information as the key below, as bytes built in C++ (~0.5 us, not ~4 us);
         # None for arguments of other types (tensor subclasses, bools, floats, ...).
-        fast = call_key(x, pw_weights[0][1], pw_weights[1][1] if len(pw_weights) == 2 else None,
-                        dw_weight, dw_bias, mid_scale, mid_shift, stride, padding, dilation,
-                        padding_mode, mid_activation)
+        fast = call_key(tag, x, pw_weights[0][1],
+                        pw_weights[1][1] if len(pw_weights) == 2 else None, dw_weight, dw_bias,
+                        mid_scale, mid_shift, stride, padding, dilation, padding_mode,
+                        mid_activation)
+    key: object
     if fast is not None:
-        key: tuple = (fn, len(pw_weights), fast)
+        key, cacheable = fast, True
     else:
         tk, ok = _tensor_key, _option_key
         pks = tuple(tk(w) for _, w in pw_weights)
-        key = (fn, tk(x), pks, tk(dw_weight), tk(dw_bias), tk(mid_scale), tk(mid_shift),
-               ok(stride), ok(padding), ok(dilation), ok(padding_mode), ok(mid_activation))
+        parts = (tk(x), *pks, tk(dw_weight), tk(dw_bias), tk(mid_scale), tk(mid_shift),
+                 ok(stride), ok(padding), ok(dilation), ok(padding_mode), ok(mid_activation))
+        key, cacheable = (fn, parts), _NOT_CACHEABLE not in parts
     opts = _options_cache.get(key)
     if opts is not None:
         return opts
     opts = normalize(*args)
-    cacheable = fast is not None or _NOT_CACHEABLE not in key[1:2] + key[2] + key[3:]
     if cacheable:
         if len(_options_cache) >= _OPTIONS_CACHE_MAX:
             _options_cache.clear()

@@ -25,6 +25,9 @@ if _error is None:
     _ops.register(getattr(_C, "forward", None))
     _args_mod.call_key = getattr(_C, "call_key", None)
 
+# The eager entry of bsconv_fused.functional for remembered calls (csrc/python_call.cpp).
+fused_call = getattr(_C, "call", None) if _error is None else None
+
 
 class _State(threading.local):
     # A class default: a missing per-thread attribute would make every lookup raise and catch

@@ -6,9 +6,11 @@ from typing import List, Optional
 
 import torch
 
-from . import ops, reference
+from . import _args, ops, reference
 from ._args import IntOrPair, Padding, normalize_cached
+from ._extension import _state as _ext_state
 from ._extension import autocast_dtype, fused_available_for
+from ._extension import fused_call as _call  # None without the extension
 
 
 def _autocast(*tensors: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
@@ -44,6 +46,13 @@ def bsconv_u(
     "hardswish" and acts on image pixels only. Returns y [B, N, H_out, W_out] in the memory
     format of x.
     """
+    if not torch.compiler.is_compiling() and _call is not None and not _ext_state.force_reference:
+        # A call signature seen before, on plain tensors: validated options and the op call in
+        # one C call (NotImplemented: anything else, which the code below handles).
+        y = _call(_args._options_cache, 0, x, pw_weight, None, dw_weight, dw_bias, mid_scale,
+                  mid_shift, stride, padding, dilation, padding_mode, mid_activation)
+        if y is not NotImplemented:
+            return y
     x, pw_weight, dw_weight, dw_bias, mid_scale, mid_shift = _autocast(
         x, pw_weight, dw_weight, dw_bias, mid_scale, mid_shift)
     opts = normalize_cached("bsconv_u", x, [("pw_weight", pw_weight)], dw_weight, dw_bias,
@@ -72,6 +81,11 @@ def bsconv_s(
 
     pw1_weight [M', M, 1, 1], pw2_weight [N, M', 1, 1]; everything else as :func:`bsconv_u`.
     """
+    if not torch.compiler.is_compiling() and _call is not None and not _ext_state.force_reference:
+        y = _call(_args._options_cache, 1, x, pw1_weight, pw2_weight, dw_weight, dw_bias,
+                  mid_scale, mid_shift, stride, padding, dilation, padding_mode, mid_activation)
+        if y is not NotImplemented:
+            return y
     x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift = _autocast(
         x, pw1_weight, pw2_weight, dw_weight, dw_bias, mid_scale, mid_shift)
     opts = normalize_cached("bsconv_s", x,

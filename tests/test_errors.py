@@ -158,27 +158,28 @@ def test_call_key_captures_every_field_of_the_signature():
     call_key = _args.call_key
     assert call_key is not None  # the extension was built and loaded
     x, pw, dw = args()
-    base = [x, pw, None, dw, None, None, None, 1, 1, 1, "zeros", None]
+    base = [0, x, pw, None, dw, None, None, None, 1, 1, 1, "zeros", None]
     k0 = call_key(*base)
     assert isinstance(k0, bytes) and call_key(*base) == k0
     # what does not change the options: layout, values, Parameter for Tensor
-    assert call_key(x.contiguous(memory_format=torch.channels_last), *base[1:]) == k0
-    assert call_key(torch.randn_like(x), torch.nn.Parameter(pw), *base[2:]) == k0
-    assert call_key(*base[:7], (1, 1), *base[8:]) == call_key(*base[:7], [1, 1], *base[8:])
+    assert call_key(0, x.contiguous(memory_format=torch.channels_last), *base[2:]) == k0
+    assert call_key(0, torch.randn_like(x), torch.nn.Parameter(pw), *base[3:]) == k0
+    assert call_key(*base[:8], (1, 1), *base[9:]) == call_key(*base[:8], [1, 1], *base[9:])
 
     changes = {
-        0: [x.double(), x[:1], x[:, :, :7], x.to("meta"), x.unsqueeze(0)],
-        1: [pw[:5], pw.double()],
-        2: [torch.randn(6, 6, 1, 1)],
-        3: [torch.randn(6, 1, 5, 5), torch.randn(6, 1, 3, 1)],
-        4: [torch.randn(6)],
+        0: [1],
+        1: [x.double(), x[:1], x[:, :, :7], x.to("meta"), x.unsqueeze(0)],
+        2: [pw[:5], pw.double()],
+        3: [torch.randn(6, 6, 1, 1)],
+        4: [torch.randn(6, 1, 5, 5), torch.randn(6, 1, 3, 1)],
         5: [torch.randn(6)],
         6: [torch.randn(6)],
-        7: [2, (1, 1), None],
-        8: [0, "same", "valid", (1, 1), [1, 1, 1, 1], -1],
-        9: [2, (1, 1)],
-        10: ["reflect", "zero", ""],
-        11: ["relu", "relu6"],
+        7: [torch.randn(6)],
+        8: [2, (1, 1), None],
+        9: [0, "same", "valid", (1, 1), [1, 1, 1, 1], -1],
+        10: [2, (1, 1)],
+        11: ["reflect", "zero", ""],
+        12: ["relu", "relu6"],
     }
     keys = [k0]
     for i, values in changes.items():
@@ -190,8 +191,9 @@ def test_call_key_captures_every_field_of_the_signature():
     class Sub(torch.Tensor):
         pass
 
-    not_keyed = {0: [x.as_subclass(Sub), x.numpy(), [1.0]], 3: [dw.as_subclass(Sub)],
-                 7: [True, 1.0, (1, True), 2 ** 70], 8: [(1, 1.0), {1: 1}], 10: [b"zeros"]}
+    not_keyed = {0: [None, "u", True], 1: [x.as_subclass(Sub), x.numpy(), [1.0]],
+                 4: [dw.as_subclass(Sub)], 8: [True, 1.0, (1, True), 2 ** 70],
+                 9: [(1, 1.0), {1: 1}], 11: [b"zeros"]}
     for i, values in not_keyed.items():
         for v in values:
             assert call_key(*base[:i], v, *base[i + 1:]) is None, (i, v)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_problem
 
-from bsconv_fused import functional, ops
+from helpers import fused_op_ran, make_problem
+
+import bsconv_fused
+from bsconv_fused import _args, functional, ops
 from bsconv_fused._args import normalize
 
 
@@ -97,19 +99,30 @@ def test_ops_module_exposes_registered_ops():
 # The eager entry (csrc/python_call.cpp) that ops.forward takes for plain tensors.
 
 class _Counting:
-    def __init__(self, real):
-        self.real, self.calls = real, 0
+    """Counts the calls that the wrapped eager entries served (not NotImplemented)."""
 
-    def __call__(self, *args):
-        self.calls += 1
-        return self.real(*args)
+    def __init__(self):
+        self.calls = 0
+        self.by_entry = {}
+
+    def wrap(self, name, real):
+        def entry(*args):
+            y = real(*args)
+            if y is not NotImplemented:
+                self.calls += 1
+                self.by_entry[name] = self.by_entry.get(name, 0) + 1
+            return y
+        return entry
 
 
 @pytest.fixture
 def counted_direct(monkeypatch):
-    assert ops._direct is not None, "the extension's eager entry is missing"
-    counter = _Counting(ops._direct)
-    monkeypatch.setattr(ops, "_direct", counter)
+    """Both eager entries of csrc/python_call.cpp, counted: ops._direct (any signature) and
+    functional._call (signatures already validated)."""
+    assert ops._direct is not None and functional._call is not None, "eager entries missing"
+    counter = _Counting()
+    monkeypatch.setattr(ops, "_direct", counter.wrap("direct", ops._direct))
+    monkeypatch.setattr(functional, "_call", counter.wrap("call", functional._call))
     return counter
 
 
@@ -121,17 +134,21 @@ def test_direct_entry_matches_torch_ops(variant, memory_format, counted_direct):
     p = p.cast(torch.float32, memory_format=memory_format)
     inputs = p.inputs()
     gy = torch.randn(p.reference().shape).contiguous(memory_format=memory_format)
-    y_direct = p.fused()
+    _args._options_cache.clear()
+    y_direct = p.fused()  # a new signature: validated in Python, then ops._direct
     g_direct = torch.autograd.grad(y_direct, inputs, gy)
-    assert counted_direct.calls == 1
+    y_call = p.fused()  # remembered: functional._call
+    g_call = torch.autograd.grad(y_call, inputs, gy)
+    assert counted_direct.by_entry == {"direct": 1, "call": 1}
     args = _op_args(p, _opts(p))
     y_ops = torch.ops.bsconv_fused.forward.default(*args)
     g_ops = torch.autograd.grad(y_ops, inputs, gy)
-    assert y_direct.stride() == y_ops.stride()
-    torch.testing.assert_close(y_direct, y_ops, rtol=0, atol=0)
-    for a, b in zip(g_direct, g_ops):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert y_direct.grad_fn.name() == y_ops.grad_fn.name()
+    for y, g in ((y_direct, g_direct), (y_call, g_call)):
+        assert y.stride() == y_ops.stride()
+        torch.testing.assert_close(y, y_ops, rtol=0, atol=0)
+        for a, b in zip(g, g_ops):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert y.grad_fn.name() == y_ops.grad_fn.name()
 
 
 def test_direct_entry_is_skipped_for_subclasses_modes_and_compile(counted_direct):
@@ -206,3 +223,51 @@ def test_direct_entry_errors_name_the_argument():
         direct(*args, flat)
     assert str(via_direct.value).splitlines()[0] == str(via_ops.value).splitlines()[0]
     assert "dw_weight" in str(via_direct.value)
+
+
+def test_remembered_call_entry_declines_what_it_does_not_handle():
+    """functional._call (csrc/python_call.cpp) serves only remembered signatures of plain
+    tensors on a device with a fused kernel, outside torch function modes and autocast; for
+    anything else it returns NotImplemented and the Python path runs."""
+    call = functional._call
+    p = make_problem("u", B=1, M=4, N=6, H=5, W=5, padding=1).cast(torch.float32)
+    x, pw, dw = p.x.detach(), p.pws[0].detach(), p.dw_weight.detach()
+
+    def args(x=x, pw=pw, dw=dw, stride=1):
+        return (_args._options_cache, 0, x, pw, None, dw, None, None, None, stride, 1, 1,
+                "zeros", None)
+
+    _args._options_cache.clear()
+    assert call(*args()) is NotImplemented  # not validated yet
+    y = functional.bsconv_u(x, pw, dw, padding=1)  # validates and remembers
+    assert len(_args._options_cache) == 1
+    torch.testing.assert_close(call(*args()), y, rtol=0, atol=0)
+    assert call(*args(stride=2)) is NotImplemented  # another signature
+    assert call(*args(x=x[:, :, :4])) is NotImplemented
+    assert call(*args(stride=True)) is NotImplemented  # keyed in Python
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert call(*args(x=x.as_subclass(Sub))) is NotImplemented
+    assert call(*args(dw=dw.as_subclass(Sub))) is NotImplemented
+    functional.bsconv_u(x.to("meta"), pw.to("meta"), dw.to("meta"), padding=1)
+    assert call(*args(x.to("meta"), pw.to("meta"), dw.to("meta"))) is NotImplemented
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert call(*args()) is NotImplemented
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert call(*args()) is NotImplemented
+        assert functional.bsconv_u(x, pw, dw, padding=1).dtype == torch.bfloat16
+    # under use_reference() functional does not call it at all
+    assert fused_op_ran(lambda: functional.bsconv_u(x, pw, dw, padding=1))
+    with bsconv_fused.use_reference():
+        assert not fused_op_ran(lambda: functional.bsconv_u(x, pw, dw, padding=1))
+    with pytest.raises(TypeError, match="expected a dict"):
+        call({}, 0, x)
+    with pytest.raises(TypeError, match="expected a dict"):
+        call([], *args()[1:])
