@@ -382,6 +382,27 @@ def test_parametrized_weights_stay_fused():
             1, 6, 5, 5, dtype=torch.float64)))
 
 
+@pytest.mark.parametrize("variant", ["U", "S"])
+def test_conv_attributes_changed_after_construction_are_seen(variant):
+    # The fused path reads a plain Conv2d's weight and bias from its parameter dict; a bias
+    # given to the projection later makes the block unfusable (the children run), and a
+    # depthwise bias replaced by a plain tensor attribute is the one the fused op adds.
+    ours, theirs = make_pair(variant, "from_ref", 4, 6, 3, padding=1)
+    pw_name = "pw" if variant == "U" else "pw2"
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for m in (ours, theirs):
+        del m.dw.bias
+        m.dw.bias = torch.linspace(-1, 1, 6, dtype=torch.float64)  # not a Parameter
+    assert "bias" not in ours.dw._parameters
+    assert_close64(ours(x), theirs(x))
+    assert "bsconv_fused::forward" in _op_events(lambda: ours(x))
+    for m in (ours, theirs):
+        getattr(m, pw_name).bias = nn.Parameter(torch.full((getattr(m, pw_name).out_channels,),
+                                                           0.5, dtype=torch.float64))
+    assert_close64(ours(x), theirs(x))
+    assert "bsconv_fused::forward" not in _op_events(lambda: ours(x))
+
+
 def test_fx_symbolic_trace():
     ours, theirs = make_pair("S", "from_ref", 4, 6, 3, padding=1, with_bn=True)
     ours.eval()
