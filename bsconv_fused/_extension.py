@@ -18,9 +18,8 @@ except (ImportError, OSError) as exc:  # not built, or built against another tor
     _error = exc
 
 if _error is None:
-    from . import ops as _ops
-
     from . import _args as _args_mod
+    from . import ops as _ops
 
     _ops.register(getattr(_C, "forward", None))
     _args_mod.call_key = getattr(_C, "call_key", None)

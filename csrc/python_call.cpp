@@ -209,7 +209,9 @@ PyObject* call(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   static PyObject* const flat_name = PyUnicode_InternFromString("flat_args");
+  Py_INCREF(opts);  // kept alive while its attribute is read, whatever the dict does meanwhile
   PyObject* ints = PyObject_GetAttr(opts, flat_name);
+  Py_DECREF(opts);
   if (ints == nullptr) return nullptr;
   int64_t v[kIntArgs];
   const bool ok = parse_ints(ints, v);
