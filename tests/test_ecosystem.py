@@ -289,10 +289,6 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def _autocast_models() -> Dict[str, Callable[[], nn.Module]]:
     # In training mode BSConv blocks with BatchNorm run unfused (batch statistics): the zoo model
     # for training has BSConv-U blocks without BN (fused forward and backward); the one for
@@ -332,9 +328,17 @@ def test_autocast_training(name):
         _, g = step(model, x, target)
         with bsconv_fused.use_reference():
             _, g_ref = step(model, x, target)
+    # Errors relative to the float64 gradient; a gradient that is zero analytically (BSConv-S's
+    # mid-BN bias in training mode: BN after pw2 removes the constant it adds) is rounding
+    # noise in float64 too (~1e-17 here), so its errors are measured against the gradient
+    # scale of the whole model instead (a float64 gradient 1e-8 of that is no real gradient).
+    scale = torch.cat([v.double().flatten() for v in g64.values()]).norm().item()
     for k, g_k in g.items():
         assert g_k.dtype == torch.float32, k
-        err, ref_err = _rel_err(g_k, g64[k]), _rel_err(g_ref[k], g64[k])
+        den = g64[k].double().norm().item()
+        den = den if den > 1e-8 * scale else scale
+        err = (g_k.double() - g64[k].double()).norm().item() / den
+        ref_err = (g_ref[k].double() - g64[k].double()).norm().item() / den
         assert err <= 2 * max(ref_err, 2 * EPS[torch.bfloat16]), (k, err, ref_err)
 
 
