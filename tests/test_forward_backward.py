@@ -126,6 +126,29 @@ def test_low_precision(dtype, variant, act, mode):
     check_lowp(p.cast(dtype), seed=3)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("variant,M,N,H,W,B", [("u", 1024, 1024, 7, 7, 1), ("u", 37, 45, 9, 11, 2),
+                                               ("s", 128, 128, 17, 16, 3), ("u", 80, 168, 5, 6, 2)])
+def test_bfloat16_forward_is_the_float32_one_rounded(layout, variant, M, N, H, W, B):
+    """The bfloat16 op widens its inputs to float32, runs the float32 kernels and rounds the
+    result: bit for bit the float32 op on the same values, rounded by torch (round to nearest
+    even; NaN stays NaN). Covers the vector conversions (8 at a time, then the tail; x, weights
+    and y) in both layouts, from the register-tile projection to the packed GEMM."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    p = make_problem(variant, B=B, M=M, N=N, mid=22, H=H, W=W, padding=1,
+                     mid_activation="relu6" if variant == "s" else None,
+                     mid_affine=variant == "s", seed=7)
+    pb = p.cast(torch.bfloat16, fmt, requires_grad=False)
+    pb.x[0, 0, 0, :3] = float("nan")
+    pf = pb.cast(torch.float32, fmt, requires_grad=False)  # exact: bfloat16 values are floats
+    with torch.no_grad():
+        yb, yf = pb.fused(), pf.fused().to(torch.bfloat16)
+    assert yb.dtype == torch.bfloat16 and yb.is_contiguous(memory_format=fmt)
+    nan = yf.isnan()
+    assert nan.any() and torch.equal(yb.isnan(), nan)
+    assert torch.equal(yb.view(torch.int16)[~nan], yf.view(torch.int16)[~nan])
+
+
 def check_lowp(plo, seed):
     """Forward and all gradients of the fused op in the problem's (low) precision: at most twice
     the reference's own error in that precision, against float64 on the same rounded inputs,

@@ -229,13 +229,11 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
           const acc_t* o = outs[i - i0];
           if (y_cl) {
             for (int64_t j = 0; j < Wo; ++j) {
-              scalar_t* d = y + (b * HoWo + i * Wo + j) * N + n0;
-              for (int64_t n = 0; n < ncur; ++n) d[n] = scalar_t(o[j * ncp + n]);
+              convert_n(o + j * ncp, y + (b * HoWo + i * Wo + j) * N + n0, ncur);
             }
           } else {
             for (int64_t n = 0; n < ncur; ++n) {
-              scalar_t* d = y + ((b * N + n0 + n) * Ho + i) * Wo;
-              for (int64_t j = 0; j < Wo; ++j) d[j] = scalar_t(o[n * Wo + j]);
+              convert_n(o + n * Wo, y + ((b * N + n0 + n) * Ho + i) * Wo, Wo);
             }
           }
         }
@@ -680,8 +678,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
             }
           } else if (cl) {
             igrad_gemm(G, P, K, M, w.w1, w.w1n, gxs.get(), M);
-            scalar_t* dst = gx + (b0 * HW + r0 * W) * M;
-            for (int64_t i = 0; i < P * M; ++i) dst[i] = scalar_t(gxs.get()[i]);
+            convert_n(gxs.get(), gx + (b0 * HW + r0 * W) * M, P * M);
           } else if (gx_via_cl && !G.cm) {
             // Channels-last scratch, then each image's rows transposed into gx.
             igrad_gemm(G, P, K, M, w.w1, w.w1n, gxs.get(), M);
@@ -703,8 +700,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
             for (int64_t m = 0; m < M; ++m) {
               for (int64_t i = 0; i < nbt; ++i) {
                 const acc_t* s = gxs.get() + m * P + i * run;
-                scalar_t* d = gx + ((b0 + i) * M + m) * HW + r0 * W;
-                for (int64_t k = 0; k < run; ++k) d[k] = scalar_t(s[k]);
+                convert_n(s, gx + ((b0 + i) * M + m) * HW + r0 * W, run);
               }
             }
           }
@@ -860,8 +856,7 @@ class PackedWeights {
     auto dense = [&](const at::Tensor& src, int64_t off) -> const acc_t* {
       const scalar_t* p = src.const_data_ptr<scalar_t>();
       if constexpr (convert) {
-        const int64_t n = src.numel();
-        for (int64_t i = 0; i < n; ++i) B[off + i] = acc_t(p[i]);
+        convert_n(p, B + off, src.numel());
         return B + off;
       } else {
         return p;

@@ -237,7 +237,7 @@ Operand<T> image_operand(const Image<S>& img, int64_t H, int64_t W, int64_t b0, 
     if constexpr (std::is_same_v<S, T>) {
       return {p, C, false};
     } else {
-      for (int64_t i = 0; i < P * C; ++i) scratch[i] = T(p[i]);
+      convert_n(p, scratch, P * C);
       return {scratch, C, false};
     }
   }
@@ -248,7 +248,7 @@ Operand<T> image_operand(const Image<S>& img, int64_t H, int64_t W, int64_t b0, 
     for (int64_t i = 0; i < nb; ++i) {
       const S* s = img.p + (b0 + i) * img.bstride + c * img.cstride + r0 * W;
       T* d = scratch + c * P + i * run;
-      for (int64_t k = 0; k < run; ++k) d[k] = T(s[k]);
+      convert_n(s, d, run);
     }
   }
   return {scratch, P, true};
