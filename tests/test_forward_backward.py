@@ -127,13 +127,15 @@ def test_low_precision(dtype, variant, act, mode):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("variant,M,N,H,W,B", [("u", 1024, 1024, 7, 7, 1), ("u", 37, 45, 9, 11, 2),
-                                               ("s", 128, 128, 17, 16, 3), ("u", 80, 168, 5, 6, 2)])
+@pytest.mark.parametrize("variant,M,N,H,W,B", [("u", 1024, 1024, 7, 7, 1), ("u", 80, 168, 5, 6, 2),
+                                               ("u", 37, 45, 9, 11, 2), ("u", 80, 168, 17, 16, 2),
+                                               ("s", 128, 128, 17, 16, 3)])
 def test_bfloat16_forward_is_the_float32_one_rounded(layout, variant, M, N, H, W, B):
     """The bfloat16 op widens its inputs to float32, runs the float32 kernels and rounds the
     result: bit for bit the float32 op on the same values, rounded by torch (round to nearest
     even; NaN stays NaN). Covers the vector conversions (8 at a time, then the tail; x, weights
-    and y) in both layouts, from the register-tile projection to the packed GEMM."""
+    and y) in both layouts, on each projection path: the BLAS (fewer than 256 pixels, more
+    than 64 input channels), the register tiles (37 channels) and packed-weight GEMMs."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     p = make_problem(variant, B=B, M=M, N=N, mid=22, H=H, W=W, padding=1,
                      mid_activation="relu6" if variant == "s" else None,
