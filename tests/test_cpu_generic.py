@@ -1,6 +1,8 @@
-"""The CPU kernels' generic (non-AVX2) inner loops: float64 always runs them; float32 runs them
-on CPUs without AVX2/FMA. BSCONV_CPU_GENERIC=1 forces them, so the float32 / low-precision
-parity tests run again through them in a fresh process."""
+"""The CPU kernels' inner loops by ISA. The generic (non-AVX2) loops: float64 always runs them;
+float32 runs them on CPUs without AVX2/FMA. BSCONV_CPU_GENERIC=1 forces them, so the float32 /
+low-precision parity tests run again through them in a fresh process. On CPUs with AVX-512 the
+stride-1 depthwise, transposed depthwise and blueprint correlation run AVX-512 loops;
+BSCONV_CPU_NO_AVX512=1 leaves the AVX2 ones, which must give the same bits."""
 
 from __future__ import annotations
 
@@ -16,9 +18,19 @@ import bsconv_fused  # noqa: F401  (loads the ops)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args: list[str], generic: bool) -> subprocess.CompletedProcess:
+def _cpu_has(*flags: str) -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    words = set(text.split())
+    return all(f in words for f in flags)
+
+
+def _run(args: list[str], generic: bool, avx512: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["BSCONV_CPU_GENERIC"] = "1" if generic else "0"
+    env["BSCONV_CPU_NO_AVX512"] = "0" if avx512 else "1"
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -26,8 +38,14 @@ def _run(args: list[str], generic: bool) -> subprocess.CompletedProcess:
 def test_isa_switch() -> None:
     probe = ["-c", "import torch, bsconv_fused; print(torch.ops.bsconv_fused.cpu_isa())"]
     assert _run(probe, generic=True).stdout.strip() == "generic"
-    assert _run(probe, generic=False).stdout.strip() in ("avx2", "generic")
-    assert torch.ops.bsconv_fused.cpu_isa() in ("avx2", "generic")
+    assert _run(probe, generic=False, avx512=False).stdout.strip() in ("avx2", "generic")
+    isa = _run(probe, generic=False).stdout.strip()
+    assert isa in ("avx512", "avx2", "generic")
+    if _cpu_has("avx2", "fma", "avx512f", "avx512dq"):
+        assert isa == "avx512"
+    elif _cpu_has("avx2", "fma"):
+        assert isa == "avx2"
+    assert torch.ops.bsconv_fused.cpu_isa() in ("avx512", "avx2", "generic")
 
 
 def test_generic_loops_pass_the_parity_tests() -> None:
@@ -35,3 +53,60 @@ def test_generic_loops_pass_the_parity_tests() -> None:
               "tests/test_forward_backward.py", "-k", "not grid_float64"], generic=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
+
+
+def test_avx2_loops_pass_the_parity_tests() -> None:
+    r = _run(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:logging",
+              "tests/test_forward_backward.py", "-k", "not grid_float64"], generic=False,
+             avx512=False)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
+
+
+# Forward and every gradient, float32, for stride-1 layers the AVX-512 loops take (odd and even
+# widths: pairs of pixels plus a single last one; K = 1..7 for the correlation's unrolled
+# cases, a 9-wide kernel through the generic-K loops, dilation, both layouts, NCHW y from the
+# channel-major store) and one stride-2 layer (AVX2 in both runs), saved for comparison.
+_BITS_SCRIPT = r"""
+import sys, torch, bsconv_fused
+sys.path.insert(0, "tests")
+from helpers import make_problem
+out = {"isa": torch.ops.bsconv_fused.cpu_isa()}
+cases = [("u", 2, 12, 16, 13, 17, (3, 3), 1, 1), ("u", 1, 8, 24, 9, 32, (5, 5), 1, 1),
+         ("s", 2, 16, 40, 11, 14, (3, 3), 1, 1), ("u", 1, 7, 9, 15, 21, (7, 7), 1, 2),
+         ("u", 2, 6, 16, 12, 19, (9, 9), 1, 1), ("u", 1, 5, 16, 8, 25, (1, 4), 1, 1),
+         ("u", 2, 9, 24, 12, 12, (2, 6), 1, 1), ("u", 2, 10, 16, 14, 15, (3, 3), 2, 1)]
+for i, (v, B, M, N, H, W, K, s, d) in enumerate(cases):
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        p = make_problem(v, B=B, M=M, N=N, mid=5, H=H, W=W, K=K, stride=s, dilation=d,
+                         padding="same" if s == 1 else 1, mid_activation="relu",
+                         mid_affine=v == "s", seed=i)
+        if s != 1 or d != 1:
+            p.kwargs["padding"] = (K[0] // 2 * d, K[1] // 2 * d)
+        p = p.cast(torch.float32, fmt)
+        y = p.fused()
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(i))
+        out[(i, str(fmt))] = [y.detach()] + list(torch.autograd.grad(y, p.inputs(), gy))
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_avx512_loops_equal_avx2_bit_for_bit(tmp_path) -> None:
+    """Both runs sum every element's terms in the same order, so the results must be identical
+    (on a CPU without AVX-512 both runs take the AVX2 loops and the test is an identity)."""
+    files = []
+    for avx512 in (True, False):
+        f = tmp_path / f"bits_{int(avx512)}.pt"
+        r = _run(["-c", _BITS_SCRIPT, str(f)], generic=False, avx512=avx512)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        files.append(torch.load(f))
+    a, b = files
+    assert b["isa"] in ("avx2", "generic")
+    if _cpu_has("avx2", "fma", "avx512f", "avx512dq"):
+        assert a["isa"] == "avx512"
+    assert a.keys() == b.keys() and len(a) == 17
+    for key in a:
+        if key == "isa":
+            continue
+        for ta, tb in zip(a[key], b[key]):
+            assert torch.equal(ta, tb), key

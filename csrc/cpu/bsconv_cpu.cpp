@@ -1094,6 +1094,8 @@ namespace bsconv::cpu {
 // Which inner loops the CPU kernels run on this machine: "avx2" (AVX2 + FMA float loops) or
 // "generic" (no AVX2, or BSCONV_CPU_GENERIC=1 set before the first call, as the tests do).
 TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
-  m.def("cpu_isa() -> str", [] { return std::string(avx2_enabled() ? "avx2" : "generic"); });
+  m.def("cpu_isa() -> str", [] {
+    return std::string(avx512_enabled() ? "avx512" : avx2_enabled() ? "avx2" : "generic");
+  });
 }
 }  // namespace bsconv::cpu

@@ -65,6 +65,23 @@ inline bool avx2_enabled() {
   return on;
 }
 
+// True when the AVX-512 float loops run (stride 1, see below): avx2_enabled(), the CPU has
+// AVX-512 F and DQ, and BSCONV_CPU_NO_AVX512 is not set to a non-zero value (which leaves the
+// AVX2 loops; their results are the same bit for bit).
+inline bool avx512_enabled() {
+  static const bool on = [] {
+#if BSCONV_X86_AVX2
+    const char* env = std::getenv("BSCONV_CPU_NO_AVX512");
+    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    return avx2_enabled() && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512dq");
+#else
+    return false;
+#endif
+  }();
+  return on;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Argument blocks.
 
@@ -363,6 +380,13 @@ BSCONV_AVX2 inline __attribute__((always_inline)) void for_rows8(int64_t count,
 
 // --- forward depthwise ---
 
+// The Kh input rows of output row i, channel block cb.
+inline void dw_input_rows(const DwArgs<float>& a, int64_t cb, int64_t i, const float** r) {
+  for (int64_t kh = 0; kh < a.Kh; ++kh) {
+    r[kh] = a.rows[i * a.Kh + kh] + cb * a.rcbs[i * a.Kh + kh];
+  }
+}
+
 // J output columns from j, taps read from memory (any kernel size).
 template <int J>
 BSCONV_AVX2 inline void dw_block_avx2(const DwArgs<float>& a, const float* const* r,
@@ -428,6 +452,20 @@ BSCONV_AVX2 inline void dw_tail_avx2(const DwArgs<float>& a, const float* const*
 #undef BSCONV_DW_TAIL
 }
 
+// The accumulators of 8 output columns from j (acc[u]: column j + u) of channel block cb,
+// transposed in registers and stored as rows of the NCHW output (columns < Wo).
+BSCONV_AVX2 inline void store_cm_block_avx2(const DwArgs<float>& a, __m256* acc, int64_t cb,
+                                            float* o, int64_t j) {
+  transpose8_regs_avx2(acc);
+  const int64_t rows = std::min(kLanes, a.valid - cb * kLanes), len = a.Wo - j;
+  float* dst = o + cb * kLanes * a.ocs + j;
+  if (len >= 8) {
+    for (int64_t c = 0; c < rows; ++c) _mm256_storeu_ps(dst + c * a.ocs, acc[c]);
+  } else {
+    for (int64_t c = 0; c < rows; ++c) store_partial_avx2(dst + c * a.ocs, acc[c], len);
+  }
+}
+
 // NCHW output: 8 output columns from j of channel block cb, transposed in registers and stored
 // as rows of the channels (the padded rows have room for the columns past Wo).
 template <bool K3>
@@ -457,14 +495,7 @@ BSCONV_AVX2 inline void dw_block_cm_avx2(const DwArgs<float>& a, const float* co
       }
     }
   }
-  transpose8_regs_avx2(acc);
-  const int64_t rows = std::min(kLanes, a.valid - cb * kLanes), len = a.Wo - j;
-  float* dst = o + cb * kLanes * a.ocs + j;
-  if (len >= 8) {
-    for (int64_t c = 0; c < rows; ++c) _mm256_storeu_ps(dst + c * a.ocs, acc[c]);
-  } else {
-    for (int64_t c = 0; c < rows; ++c) store_partial_avx2(dst + c * a.ocs, acc[c], len);
-  }
+  store_cm_block_avx2(a, acc, cb, o, j);
 }
 
 BSCONV_AVX2 inline void dw_cm_avx2(const DwArgs<float>& a) {
@@ -474,9 +505,7 @@ BSCONV_AVX2 inline void dw_cm_avx2(const DwArgs<float>& a) {
     const float* tp = a.taps + cb * kLanes;
     const __m256 b = _mm256_loadu_ps(a.bias + cb * kLanes);
     for (int64_t i = 0; i < a.rows_out; ++i) {
-      for (int64_t kh = 0; kh < a.Kh; ++kh) {
-        r[kh] = a.rows[i * a.Kh + kh] + cb * a.rcbs[i * a.Kh + kh];
-      }
+      dw_input_rows(a, cb, i, r);
       for (int64_t j = 0; j < a.Wo; j += 8) {
         if (k3) {
           dw_block_cm_avx2<true>(a, r, tp, b, cb, a.outs[i], j);
@@ -500,9 +529,7 @@ BSCONV_AVX2 inline void dw_avx2(const DwArgs<float>& a) {
       for (int k = 0; k < 9; ++k) t[k] = _mm256_loadu_ps(tp + k * a.ts);
     }
     for (int64_t i = 0; i < a.rows_out; ++i) {
-      for (int64_t kh = 0; kh < a.Kh; ++kh) {
-        r[kh] = a.rows[i * a.Kh + kh] + cb * a.rcbs[i * a.Kh + kh];
-      }
+      dw_input_rows(a, cb, i, r);
       float* o = a.outs[i] + cb * a.ocbs;
       int64_t j = 0;
       if (k3) {
@@ -849,6 +876,284 @@ BSCONV_AVX2 inline void transpose_avx2(int64_t rows, int64_t cols, const float* 
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// AVX-512 float loops for stride 1: a 512-bit register holds two neighbouring pixels of a B8
+// block (16 floats, contiguous in a B8 row), so the depthwise, transposed depthwise and
+// blueprint correlation loops do half the FMAs of the AVX2 ones with the taps broadcast to
+// both halves. Every output element sums the same terms in the same order as the AVX2 loop
+// (bit for bit the same results); stride 2 and the single last pixel of a row stay AVX2.
+
+#define BSCONV_AVX512 __attribute__((target("avx2,fma,avx512f,avx512dq")))
+
+// The taps (or bias) of one channel block, in both halves.
+BSCONV_AVX512 inline __m512 bcast8_avx512(__m256 v) {
+  // (the zero-masked form with all lanes set: the unmasked _mm512_broadcast_f32x8 trips GCC
+  // 12's -Wmaybe-uninitialized in its own header)
+  return _mm512_maskz_broadcast_f32x8(__mmask16(0xFFFF), v);
+}
+BSCONV_AVX512 inline __m512 bcast8_avx512(const float* p) {
+  return bcast8_avx512(_mm256_loadu_ps(p));
+}
+
+// The low and high pixel of a pair (zero-masked forms, for the same reason; GCC 12's
+// _mm512_castps512_ps256 is an extract with an undefined pass-through operand).
+BSCONV_AVX512 inline __m256 lo8_avx512(__m512 v) {
+  return _mm512_maskz_extractf32x8_ps(__mmask8(0xFF), v, 0);
+}
+BSCONV_AVX512 inline __m256 hi8_avx512(__m512 v) {
+  return _mm512_maskz_extractf32x8_ps(__mmask8(0xFF), v, 1);
+}
+
+// Pixel j of the pair at o, pixel j + 1 at o + ops.
+BSCONV_AVX512 inline void store_pair_avx512(float* o, int64_t ops, __m512 v) {
+  if (ops == kLanes) {
+    _mm512_storeu_ps(o, v);
+    return;
+  }
+  _mm256_storeu_ps(o, lo8_avx512(v));
+  _mm256_storeu_ps(o + ops, hi8_avx512(v));
+}
+
+// --- forward depthwise, stride 1 ---
+
+// 2J output columns from j, taps read from memory (any kernel size).
+template <int J>
+BSCONV_AVX512 inline void dw_pairs_avx512(const DwArgs<float>& a, const float* const* r,
+                                          const float* tp, __m512 b, float* o, int64_t j) {
+  const int64_t d = a.dw * kLanes;
+  __m512 acc[J];
+  for (int u = 0; u < J; ++u) acc[u] = b;
+  for (int64_t kh = 0; kh < a.Kh; ++kh) {
+    const float* row = r[kh] + j * kLanes;
+    const float* t = tp + kh * a.Kw * a.ts;
+    for (int64_t kw = 0; kw < a.Kw; ++kw) {
+      const __m512 tv = bcast8_avx512(t + kw * a.ts);
+      const float* p = row + kw * d;
+      for (int u = 0; u < J; ++u) {
+        acc[u] = _mm512_fmadd_ps(tv, _mm512_loadu_ps(p + u * 2 * kLanes), acc[u]);
+      }
+    }
+  }
+  for (int u = 0; u < J; ++u) store_pair_avx512(o + (j + 2 * u) * a.ops, a.ops, acc[u]);
+}
+
+// 3 x 3 kernels: 2J output columns from j with the taps in registers.
+template <int J>
+BSCONV_AVX512 inline void dw_pairs3_avx512(const DwArgs<float>& a, const float* const* r,
+                                           const __m512* t, __m512 b, float* o, int64_t j) {
+  const int64_t d = a.dw * kLanes;
+  __m512 acc[J];
+  for (int u = 0; u < J; ++u) acc[u] = b;
+  for (int kh = 0; kh < 3; ++kh) {
+    const float* row = r[kh] + j * kLanes;
+    for (int u = 0; u < J; ++u) {
+      const float* p = row + u * 2 * kLanes;
+      acc[u] = _mm512_fmadd_ps(t[kh * 3 + 0], _mm512_loadu_ps(p), acc[u]);
+      acc[u] = _mm512_fmadd_ps(t[kh * 3 + 1], _mm512_loadu_ps(p + d), acc[u]);
+      acc[u] = _mm512_fmadd_ps(t[kh * 3 + 2], _mm512_loadu_ps(p + 2 * d), acc[u]);
+    }
+  }
+  for (int u = 0; u < J; ++u) store_pair_avx512(o + (j + 2 * u) * a.ops, a.ops, acc[u]);
+}
+
+// NCHW output: 8 output columns from j of channel block cb (as dw_block_cm_avx2).
+template <bool K3>
+BSCONV_AVX512 inline void dw_block_cm_avx512(const DwArgs<float>& a, const float* const* r,
+                                             const float* tp, __m512 b, int64_t cb, float* o,
+                                             int64_t j) {
+  const int64_t d = a.dw * kLanes, Kh = K3 ? 3 : a.Kh, Kw = K3 ? 3 : a.Kw;
+  __m512 acc[4];
+  for (int u = 0; u < 4; ++u) acc[u] = b;
+  for (int64_t kh = 0; kh < Kh; ++kh) {
+    const float* row = r[kh] + j * kLanes;
+    const float* t = tp + kh * Kw * a.ts;
+    for (int64_t kw = 0; kw < Kw; ++kw) {
+      const __m512 tv = bcast8_avx512(t + kw * a.ts);
+      const float* p = row + kw * d;
+      for (int u = 0; u < 4; ++u) {
+        acc[u] = _mm512_fmadd_ps(tv, _mm512_loadu_ps(p + u * 2 * kLanes), acc[u]);
+      }
+    }
+  }
+  __m256 cols[8];
+  for (int u = 0; u < 4; ++u) {
+    cols[2 * u] = lo8_avx512(acc[u]);
+    cols[2 * u + 1] = hi8_avx512(acc[u]);
+  }
+  store_cm_block_avx2(a, cols, cb, o, j);
+}
+
+BSCONV_AVX512 inline void dw_cm_avx512(const DwArgs<float>& a) {
+  const bool k3 = a.Kh == 3 && a.Kw == 3;
+  const float* r[kMaxK];
+  for (int64_t cb = 0; cb * kLanes < a.valid; ++cb) {
+    const float* tp = a.taps + cb * kLanes;
+    const __m512 b = bcast8_avx512(a.bias + cb * kLanes);
+    for (int64_t i = 0; i < a.rows_out; ++i) {
+      dw_input_rows(a, cb, i, r);
+      for (int64_t j = 0; j < a.Wo; j += 8) {
+        if (k3) {
+          dw_block_cm_avx512<true>(a, r, tp, b, cb, a.outs[i], j);
+        } else {
+          dw_block_cm_avx512<false>(a, r, tp, b, cb, a.outs[i], j);
+        }
+      }
+    }
+  }
+}
+
+BSCONV_AVX512 inline void dw_avx512(const DwArgs<float>& a) {
+  if (a.sw != 1) return dw_avx2(a);
+  if (a.cm_out) return dw_cm_avx512(a);
+  const bool k3 = a.Kh == 3 && a.Kw == 3;
+  const float* r[kMaxK];
+  for (int64_t cb = 0; cb * kLanes < a.lanes; ++cb) {
+    const float* tp = a.taps + cb * kLanes;
+    const __m256 b = _mm256_loadu_ps(a.bias + cb * kLanes);
+    const __m512 b2 = bcast8_avx512(b);
+    __m256 t[9];
+    __m512 t2[9];
+    if (k3) {
+      for (int k = 0; k < 9; ++k) {
+        t[k] = _mm256_loadu_ps(tp + k * a.ts);
+        t2[k] = bcast8_avx512(t[k]);
+      }
+    }
+    for (int64_t i = 0; i < a.rows_out; ++i) {
+      dw_input_rows(a, cb, i, r);
+      float* o = a.outs[i] + cb * a.ocbs;
+      int64_t j = 0;
+      if (k3) {
+        for (; j + 12 <= a.Wo; j += 12) dw_pairs3_avx512<6>(a, r, t2, b2, o, j);
+      } else {
+        for (; j + 16 <= a.Wo; j += 16) dw_pairs_avx512<8>(a, r, tp, b2, o, j);
+      }
+      const int64_t pairs = (a.Wo - j) / 2;
+#define BSCONV_DW_PAIRS(J)                              \
+  case J:                                               \
+    if (k3) {                                           \
+      dw_pairs3_avx512<J>(a, r, t2, b2, o, j);          \
+    } else {                                            \
+      dw_pairs_avx512<J>(a, r, tp, b2, o, j);           \
+    }                                                   \
+    break;
+      switch (pairs) {
+        BSCONV_DW_PAIRS(1)
+        BSCONV_DW_PAIRS(2)
+        BSCONV_DW_PAIRS(3)
+        BSCONV_DW_PAIRS(4)
+        BSCONV_DW_PAIRS(5)
+        BSCONV_DW_PAIRS(6)
+        BSCONV_DW_PAIRS(7)
+        default:
+          break;
+      }
+#undef BSCONV_DW_PAIRS
+      j += 2 * pairs;
+      if (j < a.Wo) dw_tail_avx2(a, r, tp, t, k3, b, o, j, a.Wo - j);
+    }
+  }
+}
+
+// --- backward transposed depthwise, stride 1 ---
+
+// 2J pixels from t (one phase: pixel t + u reads gy columns t + u + offs[q]).
+template <int J>
+BSCONV_AVX512 inline void gv_pairs_avx512(const GvArgs<float>& a, const float* const* g,
+                                          const float* tp, float* o, const int64_t* kws,
+                                          const int64_t* offs, int64_t nkw, int64_t t) {
+  __m512 acc[J];
+  for (int u = 0; u < J; ++u) acc[u] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < a.nk; ++i) {
+    const float* ti = tp + a.khs[i] * a.Kw * a.ts;
+    for (int64_t q = 0; q < nkw; ++q) {
+      const __m512 tv = bcast8_avx512(ti + kws[q] * a.ts);
+      const float* p = g[i] + (t + offs[q]) * kLanes;
+      for (int u = 0; u < J; ++u) {
+        acc[u] = _mm512_fmadd_ps(tv, _mm512_loadu_ps(p + u * 2 * kLanes), acc[u]);
+      }
+    }
+  }
+  for (int u = 0; u < J; ++u) _mm512_storeu_ps(o + (t + 2 * u) * kLanes, acc[u]);
+}
+
+BSCONV_AVX512 inline void gv_avx512(const GvArgs<float>& a) {
+  if (a.sw != 1) return gv_avx2(a);
+  const float* g[kMaxK];
+  const int64_t* kws = a.ph_kw;
+  const int64_t* offs = a.ph_off;
+  const int64_t nkw = a.ph_n[0];
+  for (int64_t cb = 0; cb * kLanes < a.lanes; ++cb) {
+    for (int64_t i = 0; i < a.nk; ++i) g[i] = a.grows[i] + cb * a.gcbs;
+    const float* tp = a.taps + cb * kLanes;
+    float* o = a.out + cb * a.ocbs;
+    int64_t t = 0;
+    for (; t + 16 <= a.W; t += 16) gv_pairs_avx512<8>(a, g, tp, o, kws, offs, nkw, t);
+    const int64_t pairs = (a.W - t) / 2;
+    switch (pairs) {
+      case 1: gv_pairs_avx512<1>(a, g, tp, o, kws, offs, nkw, t); break;
+      case 2: gv_pairs_avx512<2>(a, g, tp, o, kws, offs, nkw, t); break;
+      case 3: gv_pairs_avx512<3>(a, g, tp, o, kws, offs, nkw, t); break;
+      case 4: gv_pairs_avx512<4>(a, g, tp, o, kws, offs, nkw, t); break;
+      case 5: gv_pairs_avx512<5>(a, g, tp, o, kws, offs, nkw, t); break;
+      case 6: gv_pairs_avx512<6>(a, g, tp, o, kws, offs, nkw, t); break;
+      case 7: gv_pairs_avx512<7>(a, g, tp, o, kws, offs, nkw, t); break;
+      default: break;
+    }
+    t += 2 * pairs;
+    if (t < a.W) gv_block_avx2<1>(a, g, tp, o, kws, offs, nkw, t, t);
+  }
+}
+
+// --- backward blueprint correlation, stride 1 ---
+
+// The AVX2 loop sums even output columns into x and odd ones into y, then adds x + y; here the
+// low half of a register is x and the high half y.
+template <int KW>
+BSCONV_AVX512 inline void gb_avx512_k(const GbArgs<float>& a) {
+  const int64_t cstep = a.dw * kLanes;
+  for (int64_t cb = 0; cb * kLanes < a.lanes; ++cb) {
+    const float* g = a.grow + cb * a.gcbs;
+    const float* v = a.arow + cb * a.acbs;
+    __m512 xy[KW];
+    for (int k = 0; k < KW; ++k) xy[k] = _mm512_setzero_ps();
+    int64_t ow = 0;
+    for (; ow + 2 <= a.Wo; ow += 2) {
+      const __m512 g01 = _mm512_loadu_ps(g + ow * kLanes);
+      const float* p = v + ow * kLanes;
+      for (int k = 0; k < KW; ++k) {
+        xy[k] = _mm512_fmadd_ps(g01, _mm512_loadu_ps(p + k * cstep), xy[k]);
+      }
+    }
+    __m256 x[KW];
+    for (int k = 0; k < KW; ++k) x[k] = lo8_avx512(xy[k]);
+    if (ow < a.Wo) {
+      const __m256 g0 = _mm256_load_ps(g + ow * kLanes);
+      const float* p = v + ow * kLanes;
+      for (int k = 0; k < KW; ++k) x[k] = _mm256_fmadd_ps(g0, _mm256_load_ps(p + k * cstep), x[k]);
+    }
+    for (int k = 0; k < KW; ++k) {
+      float* o = a.gb + k * a.gbs + cb * kLanes;
+      const __m256 y = hi8_avx512(xy[k]);
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_add_ps(x[k], y)));
+    }
+  }
+}
+
+BSCONV_AVX512 inline bool gb_avx512(const GbArgs<float>& a) {
+  if (a.sw != 1) return gb_avx2(a);
+  switch (a.Kw) {
+    case 1: gb_avx512_k<1>(a); return true;
+    case 2: gb_avx512_k<2>(a); return true;
+    case 3: gb_avx512_k<3>(a); return true;
+    case 4: gb_avx512_k<4>(a); return true;
+    case 5: gb_avx512_k<5>(a); return true;
+    case 6: gb_avx512_k<6>(a); return true;
+    case 7: gb_avx512_k<7>(a); return true;
+    default: return false;
+  }
+}
+
 #endif  // BSCONV_X86_AVX2
 
 // ---------------------------------------------------------------------------------------------
@@ -886,6 +1191,7 @@ template <typename T>
 void depthwise_rows(const DwArgs<T>& a) {
 #if BSCONV_X86_AVX2
   if constexpr (std::is_same_v<T, float>) {
+    if (avx512_enabled() && a.Kh <= kMaxK) return dw_avx512(a);
     if (avx2_enabled() && a.Kh <= kMaxK) return dw_avx2(a);
   }
 #endif
@@ -896,6 +1202,7 @@ template <typename T>
 void transposed_depthwise_row(const GvArgs<T>& a) {
 #if BSCONV_X86_AVX2
   if constexpr (std::is_same_v<T, float>) {
+    if (avx512_enabled() && a.nk <= kMaxK) return gv_avx512(a);
     if (avx2_enabled() && a.nk <= kMaxK) return gv_avx2(a);
   }
 #endif
@@ -906,6 +1213,7 @@ template <typename T>
 void blueprint_grad_row(const GbArgs<T>& a) {
 #if BSCONV_X86_AVX2
   if constexpr (std::is_same_v<T, float>) {
+    if (avx512_enabled() && gb_avx512(a)) return;
     if (avx2_enabled() && gb_avx2(a)) return;
   }
 #endif
