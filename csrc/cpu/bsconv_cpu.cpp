@@ -1091,8 +1091,9 @@ TORCH_LIBRARY_IMPL(bsconv_fused, CPU, m) {
 }  // namespace bsconv::cpu
 
 namespace bsconv::cpu {
-// Which inner loops the CPU kernels run on this machine: "avx2" (AVX2 + FMA float loops) or
-// "generic" (no AVX2, or BSCONV_CPU_GENERIC=1 set before the first call, as the tests do).
+// Which inner loops the CPU kernels run on this machine: "avx512" (the stride-1 AVX-512 loops
+// beside the AVX2 ones; BSCONV_CPU_NO_AVX512=1 turns them off), "avx2" (AVX2 + FMA float loops)
+// or "generic" (no AVX2, or BSCONV_CPU_GENERIC=1 set before the first call, as the tests do).
 TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   m.def("cpu_isa() -> str", [] {
     return std::string(avx512_enabled() ? "avx512" : avx2_enabled() ? "avx2" : "generic");
