@@ -3,7 +3,7 @@
 // The projections are ordinary GEMMs on cache-sized tiles. float GEMMs run on oneDNN's brgemm
 // micro-kernel, which PyTorch exposes as at::native::cpublas::brgemm (it falls back to the BLAS
 // itself where oneDNN's ukernel is unavailable: no AVX2, or oneDNN disabled), on B packed into
-// panels of kPanel columns and k in chunks of kChunkK. Measured on the 2-core AMD EPYC (Zen 2)
+// panels of kPanel columns (or read in place, see gemm()) and k in chunks of kChunkK. Measured on the 2-core AMD EPYC (Zen 2)
 // build machine, one thread, the tile shapes of the benchmark suite (P x N x K from 196 x 512 x
 // 512 to 3136 x 64 x 32, and the weight gradients' 64 x 32 x 4096): 91-101 GFLOP/s, against
 // 64-78 for MKL's sgemm on the same operands; wider panels (40-64 columns) or unpacked B with a
@@ -133,22 +133,31 @@ inline void pack_panels(bool trans, int64_t k, int64_t n, const float* b, int64_
   }
 }
 
-// C[m][n] = A[m][k] Bp (+ C when `accumulate`), Bp packed by pack_panels.
-inline void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                        const float* bp, float* c, int64_t ldc, bool accumulate) {
+// C[m][n] = A[m][k] B (+ C when `accumulate`): B packed by pack_panels (ldb < 0), or B[k][n]
+// read in place with row stride ldb.
+inline void gemm_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                        const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   for (int64_t k0 = 0; k0 < k; k0 += kChunkK) {
     const int64_t kc = std::min(kChunkK, k - k0);
     for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
       const int64_t w = std::min(kPanel, n - j0);
+      const float* bj = ldb < 0 ? b + j0 * k + k0 * w : b + k0 * ldb + j0;
+      const int64_t lb = ldb < 0 ? w : ldb;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-      at::native::cpublas::brgemm(m, w, kc, lda, w, ldc, accumulate || k0 > 0, a + k0,
-                                  bp + j0 * k + k0 * w, c + j0, false);
+      at::native::cpublas::brgemm(m, w, kc, lda, lb, ldc, accumulate || k0 > 0, a + k0, bj,
+                                  c + j0, false);
 #else  // a torch without the float brgemm: the BLAS on the same panels
-      gemm_blas(false, false, m, w, kc, 1.f, a + k0, lda, bp + j0 * k + k0 * w, w,
+      gemm_blas(false, false, m, w, kc, 1.f, a + k0, lda, bj, lb,
                 accumulate || k0 > 0 ? 1.f : 0.f, c + j0, ldc);
 #endif
     }
   }
+}
+
+// C[m][n] = A[m][k] Bp (+ C when `accumulate`), Bp packed by pack_panels.
+inline void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                        const float* bp, float* c, int64_t ldc, bool accumulate) {
+  gemm_panels(m, n, k, a, lda, bp, -1, c, ldc, accumulate);
 }
 
 // Per-thread, grow-only buffers for the packed operands of gemm().
@@ -189,6 +198,16 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
   if (!packed) return gemm_blas(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   GemmScratch& s = gemm_scratch();
   const bool acc = beta == 1.f;
+  if (!trans_a && !trans_b && m >= 64 && n >= 64) {
+    // B read in place: the micro-kernel streams its rows well once they span two panels and
+    // A has rows enough to reuse them, and packing cost a copy of B. Paired A/B on the 2-core
+    // Xeon (AVX-512 host), two threads, NCHW x (B = x rows, k x P):
+    // forward 32->64 112x112 B=8 14%, 64->128 112x112 s2 B=1 10%, BSConv-S 512->86->512
+    // 14x14 4% faster; forward+backward 128->22->128 56x56 B=8 5%. 49-pixel rows (7x7
+    // images, a panel and a tail) ran 2-6% slower unpacked, so they stay packed; with m < 64
+    // (BSConv-S's u: 128->22 56x56 B=8) packing is 2% faster.
+    return gemm_panels(m, n, k, a, lda, b, ldb, c, ldc, acc);
+  }
   if (!trans_a) {
     float* bp = s.get(0, k * n);
     pack_panels(trans_b, k, n, b, ldb, bp);

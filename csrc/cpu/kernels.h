@@ -382,15 +382,23 @@ inline ForwardPlan forward_plan(const Geometry& g, int64_t acc_size, int64_t thr
   p.band = g.Ho;
   p.bands = 1;
   const int64_t HW = g.H * g.W;
+  const int64_t span = (g.Kh - 1) * g.dh + 1;  // v rows an output row reads
   if (gemm_proj && g.B > 1 && HW < kGroupPixels) {
     // Several small images per task, as long as every thread still gets a task.
     p.nb = std::min(g.B, ceil_div(kGroupPixels, HW));
     while (p.nb > 1 && ceil_div(g.B, p.nb) < threads) --p.nb;
   }
-  // Parallelism for small batches: first narrower channel chunks (no extra work for BSConv-U),
-  // then bands of output rows (each band recomputes the v rows it shares with its neighbour).
+  // Parallelism for small batches: narrower channel chunks (no extra multiply-adds for
+  // BSConv-U) or bands of output rows (each band recomputes the v rows it shares with its
+  // neighbour).
   while (p.nb == 1 && p.tasks(g.B) < min_tasks) {
-    if (p.nc > 64 && !g.subspace()) {
+    // Bands first where twice as many would recompute at most 1/16 of the v rows: a narrower
+    // chunk repeats the x rows' packing (NCHW x) and gives the GEMM fewer rows. Paired A/B on
+    // the 2-core Xeon, B=1 forward: 64->128 112x112 s2 6% (NCHW x) and 5% (channels-last)
+    // faster, 256->512 28x28 s2 2-3%; 256->256 28x28 k5 (4 of 28 rows again) 3-10% slower.
+    const int64_t again = (span - g.sh) * (p.bands * 2 - 1);
+    const bool bands_first = again * 16 <= g.H && ceil_div(g.Ho, p.bands * 2) >= 4;
+    if (p.nc > 64 && !g.subspace() && !bands_first) {
       set_nc(p.nc / 2);
     } else if (ceil_div(g.Ho, p.bands * 2) >= 4) {
       p.bands *= 2;
@@ -403,7 +411,6 @@ inline ForwardPlan forward_plan(const Geometry& g, int64_t acc_size, int64_t thr
   // A v row is held twice: as the GEMM wrote it and in the depthwise's B8 layout.
   const int64_t row_bytes = 2 * g.W * round_up(p.nc, kLanes) * acc_size;
   int64_t budget_rows = std::max<int64_t>(1, kForwardVBudget / std::max<int64_t>(row_bytes, 1));
-  const int64_t span = (g.Kh - 1) * g.dh + 1;
   if (gemm_proj) {
     // Narrow images: blocks of enough rows that the BLAS sees kGroupPixels pixels per call
     // (a few rows of a 14-pixel image would leave it at a fraction of its rate).
