@@ -27,10 +27,12 @@ def _cpu_has(*flags: str) -> bool:
     return all(f in words for f in flags)
 
 
-def _run(args: list[str], generic: bool, avx512: bool = True) -> subprocess.CompletedProcess:
+def _run(args: list[str], generic: bool, avx512: bool = True,
+         bf16_gemm: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["BSCONV_CPU_GENERIC"] = "1" if generic else "0"
     env["BSCONV_CPU_NO_AVX512"] = "0" if avx512 else "1"
+    env["BSCONV_CPU_NO_BF16_GEMM"] = "0" if bf16_gemm else "1"
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -110,3 +112,21 @@ def test_avx512_loops_equal_avx2_bit_for_bit(tmp_path) -> None:
             continue
         for ta, tb in zip(a[key], b[key]):
             assert torch.equal(ta, tb), key
+
+
+def test_bf16_gemm_switch_and_float_path_bits() -> None:
+    """BSCONV_CPU_NO_BF16_GEMM=1 turns the bfloat16 GEMM off (cpu_bf16_gemm says so); the
+    bfloat16 forward then widens x and runs the float32 kernels, bit for bit the float32 op
+    rounded (the test's exact branch). With the GEMM on, where the CPU runs it (AMX at least;
+    cpublas::could_pack decides), the same test takes its one-step branch for BSConv-U."""
+    probe = ["-c", "import torch, bsconv_fused; print(torch.ops.bsconv_fused.cpu_bf16_gemm())"]
+    assert _run(probe, generic=False, bf16_gemm=False).stdout.strip() == "False"
+    on = _run(probe, generic=False).stdout.strip()
+    assert on in ("True", "False")
+    if _cpu_has("amx_bf16", "amx_tile"):
+        assert on == "True"  # oneDNN's micro-kernel runs bfloat16 on AMX tiles
+    r = _run(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:logging",
+              "tests/test_forward_backward.py", "-k", "bfloat16_forward_is_the_float32"],
+             generic=False, bf16_gemm=False)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "10 passed" in r.stdout

@@ -139,6 +139,8 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
   const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, N = g.N, HoWo = Ho * Wo;
   const int64_t ncp_max = round_up(plan.nc, kLanes), S_ = plan.slots, Wp = cols.Wp_alloc;
   constexpr bool same_out = std::is_same_v<scalar_t, acc_t>;
+  constexpr bool bf16_in = std::is_same_v<scalar_t, c10::BFloat16>;
+  TORCH_INTERNAL_ASSERT(w.wbp == nullptr || (x_cl && !S), "bsconv_fused: bfloat16 GEMM operands");
   const int64_t cbs = S_ * Wp * kLanes;  // channel-block stride of the v slots (B8)
 
   // Tasks of whole images (plan.nb each): grouped small images, or channel-major float x that
@@ -149,13 +151,16 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
   const bool images = plan.nb > 1 || cl_gather;
   const int64_t tasks = images ? ceil_div(g.B, plan.nb) : plan.tasks(g.B);
   run_workers(tasks, threads, [&](auto next) {
+    const Bf16GemmScope bf16_scope(w.wbp != nullptr);
     Scratch<acc_t> Vt(kSlotFwdVt, S_ * W * ncp_max, false), V(kSlotFwdV, S_ * Wp * ncp_max);
     Scratch<acc_t> zero_row(kSlotFwdZero, Wp * kLanes);
     Scratch<acc_t> obuf(kSlotFwdOut, plan.ob * Wo * ncp_max, false);
+    Scratch<scalar_t> yrow(kSlotFwdYrow, !y_cl && !same_out ? Wo * ncp_max : 0, false);
     // Tasks of whole images project them at once: x gathered unless in place, u and v for all
     // pixels of the task.
     const int64_t P_group = plan.nb * H * W, rows_x = images ? P_group : S_ * W;
-    const bool x_gather = !std::is_same_v<scalar_t, acc_t> || (images && !x_cl);
+    const bool x_gather = (!std::is_same_v<scalar_t, acc_t> && w.wbp == nullptr) ||
+                          (images && !x_cl);
     Scratch<acc_t> Xs(kSlotFwdX, x_gather ? rows_x * g.M : 0, false);
     Scratch<acc_t> Us(kSlotFwdU, S ? rows_x * C : 0, false);
     Scratch<acc_t> Vg(kSlotFwdVg, images ? P_group * ncp_max : 0, false);
@@ -185,6 +190,12 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
         ring.block(g, i0, i1, [&](int64_t ra, int64_t rb) {
           if (vpre != nullptr) return to_slots(vpre + ra * W * ncp, ra, rb);
           const int64_t P = (rb - ra) * W;
+          if constexpr (bf16_in) {
+            if (w.wbp != nullptr) {
+              gemm_bf16(P, n0, ncur, g.M, x + (b * H + ra) * W * g.M, g.M, w.wbp, Vt.get(), ncp);
+              return to_slots(Vt.get(), ra, rb);
+            }
+          }
           Operand<acc_t> X = image_operand<acc_t>(src, H, W, b, 1, ra, rb, Xs.get());
           if (S) X = project_u(g, X, P, w, Us.get());
           if (w.wpt != nullptr) {
@@ -250,8 +261,12 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
               convert_n(o + j * ncp, y + (b * HoWo + i * Wo + j) * N + n0, ncur);
             }
           } else {
+            // One conversion for the row's channels, then short copies (a conversion call
+            // per channel row of 14 pixels was 14% of a bfloat16 512->512 14x14 forward).
+            convert_n(o, yrow.get(), ncur * Wo);
             for (int64_t n = 0; n < ncur; ++n) {
-              convert_n(o + n * Wo, y + ((b * N + n0 + n) * Ho + i) * Wo, Wo);
+              std::memcpy(static_cast<void*>(y + ((b * N + n0 + n) * Ho + i) * Wo),
+                          yrow.get() + n * Wo, size_t(Wo) * sizeof(scalar_t));
             }
           }
         }
@@ -264,12 +279,20 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
         continue;
       }
       const int64_t b0 = task * plan.nb, nb = std::min(plan.nb, g.B - b0), P = nb * H * W;
-      Operand<acc_t> X = image_operand<acc_t>(src, H, W, b0, nb, 0, H, Xs.get(), cl_gather);
-      if (S) X = project_u(g, X, P, w, Us.get());
+      Operand<acc_t> X{nullptr, 0, false};
+      if (w.wbp == nullptr) {
+        X = image_operand<acc_t>(src, H, W, b0, nb, 0, H, Xs.get(), cl_gather);
+        if (S) X = project_u(g, X, P, w, Us.get());
+      }
       for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
         const int64_t n0 = chunk * plan.nc, ncur = std::min(plan.nc, N - n0);
         const int64_t ncp = round_up(ncur, kLanes);
-        proj_gemm(X, P, n0, ncur, C, wp, w.wvp, Vg.get(), ncp);
+        if constexpr (bf16_in) {
+          if (w.wbp != nullptr) {
+            gemm_bf16(P, n0, ncur, g.M, x + b0 * H * W * g.M, g.M, w.wbp, Vg.get(), ncp);
+          }
+        }
+        if (w.wbp == nullptr) proj_gemm(X, P, n0, ncur, C, wp, w.wvp, Vg.get(), ncp);
         for (int64_t i = 0; i < nb; ++i) run_band(b0 + i, chunk, 0, Vg.get() + i * H * W * ncp);
       }
     }
@@ -813,18 +836,27 @@ at::Tensor standard_layout(const at::Tensor& t, at::MemoryFormat fmt, int slot) 
   } else {
     c = at::empty(t.sizes(), t.options().memory_format(fmt));
   }
-  if (nchw && fmt == at::MemoryFormat::ChannelsLast && t.scalar_type() == at::kFloat) {
-    // NCHW float to channels-last (the copy of x the GEMMs read): blocks of 64 pixels of one
-    // image transposed in 8 x 8 tiles, about 1.3-2x faster than the generic strided copy_.
+  const bool half_width = t.element_size() == 2;  // bfloat16 and half, moved as 16-bit words
+  if (nchw && fmt == at::MemoryFormat::ChannelsLast &&
+      (t.scalar_type() == at::kFloat || half_width)) {
+    // NCHW to channels-last (the copy of x the GEMMs read): blocks of 64 pixels of one image
+    // transposed in 8 x 8 tiles, about 1.3-2x faster than the generic strided copy_ (float;
+    // bfloat16 512->512 14x14 B=8: see bf16_forward_gemm).
     const int64_t HW = H * W, blocks = ceil_div(HW, 64);
-    const float* src = t.const_data_ptr<float>();
-    float* dst = c.data_ptr<float>();
-    at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q) {
-        const int64_t b = q / blocks, p0 = (q % blocks) * 64, np = std::min<int64_t>(64, HW - p0);
-        transpose(C, np, src + b * C * HW + p0, HW, dst + (b * HW + p0) * C, C);
-      }
-    });
+    auto run = [&](const auto* src, auto* dst) {
+      at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t q = begin; q < end; ++q) {
+          const int64_t b = q / blocks, p0 = (q % blocks) * 64;
+          const int64_t np = std::min<int64_t>(64, HW - p0);
+          transpose(C, np, src + b * C * HW + p0, HW, dst + (b * HW + p0) * C, C);
+        }
+      });
+    };
+    if (half_width) {
+      run(static_cast<const uint16_t*>(t.const_data_ptr()), static_cast<uint16_t*>(c.data_ptr()));
+    } else {
+      run(t.const_data_ptr<float>(), c.data_ptr<float>());
+    }
     return c;
   }
   c.copy_(t);
@@ -835,6 +867,14 @@ at::Tensor standard_layout(const at::Tensor& t, at::MemoryFormat fmt, int slot) 
 // one buffer: the dozen small ATen ops this takes otherwise cost more than a small layer's whole
 // kernel. The projection weights are used in place when they are dense and of the accumulation
 // type already.
+// Whether a bfloat16 forward projects x with the bfloat16 GEMM (BSConv-U, an even number of
+// input channels, a CPU the micro-kernel supports): it reads channels-last x in place (an NCHW
+// x is copied channels-last first, see nchw_x_read_channels_last). 512->512 14x14 B=8 on the
+// AMX host, two threads: the GEMM alone 4-5x faster than the float GEMM on widened x.
+inline bool bf16_forward_gemm(const Geometry& g) {
+  return !g.subspace() && g.M % 2 == 0 && bf16_gemm_enabled();
+}
+
 template <typename scalar_t, typename acc_t>
 class PackedWeights {
  public:
@@ -853,15 +893,18 @@ class PackedWeights {
       total += need ? round_up(n, 16) : 0;  // 64-byte aligned pieces
       return at;
     };
-    const int64_t o_w1 = take(convert, g.proj1_rows() * g.M);
+    // The bfloat16 GEMM reads w1 itself (no float copy).
+    const bool bf16_w1 = std::is_same_v<scalar_t, c10::BFloat16> && !backward &&
+                         bf16_forward_gemm(g);
+    const int64_t o_w1 = take(convert && !bf16_w1, g.proj1_rows() * g.M);
     const int64_t o_w2 = take(convert && pw2.has_value(), N * g.Mmid);
     const int64_t o_taps = take(true, KK * Np), o_bias = take(true, Np);
     const int64_t o_scale = take(true, Np), o_shift = take(true, Np);
-    const bool panels = use_panels(g, std::is_same_v<acc_t, float>);
+    const bool panels = use_panels(g, std::is_same_v<acc_t, float>) && !bf16_w1;
     // The register-tile projection runs only without panels: with them, a channel-major x
     // block transposed for the GEMM is faster (64->128 112x112 forward: ~20% less time; the
     // tiles' strided broadcasts of x cost more than the transpose).
-    const int64_t o_wpt = take(K <= kSmallProjK && !panels, K * Np);
+    const int64_t o_wpt = take(K <= kSmallProjK && !panels && !bf16_w1, K * Np);
     const int64_t o_wvp = take(panels, K * N);
     const int64_t o_w1p = take(panels && pw2.has_value(), g.M * g.Mmid);
     const int64_t o_w1n = take(panels && backward, g.proj1_rows() * g.M);
@@ -880,7 +923,7 @@ class PackedWeights {
         return p;
       }
     };
-    w_.w1 = dense(p1_, o_w1);
+    w_.w1 = bf16_w1 ? nullptr : dense(p1_, o_w1);
     w_.w2 = pw2 ? dense(p2_, o_w2) : nullptr;
     // Per-channel vectors padded to Np (zero beyond N; scale 1 without a scale).
     auto vec = [&](const std::optional<at::Tensor>& v, int64_t off, acc_t absent) {
@@ -941,6 +984,18 @@ class PackedWeights {
     w_.w1p = panels_of(w_.w1, g.Mmid, g.M, true, o_w1p);
     w_.w1n = panels_of(w_.w1, g.proj1_rows(), g.M, false, o_w1n);
     w_.w2n = panels_of(w_.w2, N, g.Mmid, false, o_w2n);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (bf16_w1) {
+        // W^T (M x N) into VNNI panels, panel groups in parallel.
+        const int64_t panels = ceil_div(N, kPanel), ps = bf16_panel_size(g.M);
+        c10::BFloat16* d = Scratch<c10::BFloat16>(kSlotWeightsBf16, panels * ps, false).get();
+        const c10::BFloat16* src = p1_.const_data_ptr<c10::BFloat16>();
+        at::parallel_for(0, panels, 16384 / ps + 1, [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) pack_bf16_wt_panel(src, N, g.M, j, d);
+        });
+        w_.wbp = d;
+      }
+    }
   }
   const Weights<acc_t>& get() const { return w_; }
 
@@ -963,6 +1018,7 @@ class PackedWeights {
 // temporary), or its GEMMs read the channel-major rows (fewer channels: 3-10% faster than the
 // copy).
 bool nchw_x_read_channels_last(const Geometry& g, const at::Tensor& x) {
+  if (x.scalar_type() == at::kBFloat16) return bf16_forward_gemm(g);
   if (x.scalar_type() != at::kFloat || g.subspace() || !use_panels(g, true)) return false;
   const int64_t threads = useful_threads(forward_flops(g));
   const ForwardPlan plan = forward_plan(g, sizeof(float), threads, true);
@@ -1098,5 +1154,8 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   m.def("cpu_isa() -> str", [] {
     return std::string(avx512_enabled() ? "avx512" : avx2_enabled() ? "avx2" : "generic");
   });
+  // Whether bfloat16 BSConv-U forwards (an even number of input channels) project x with the
+  // bfloat16 GEMM (bf16_gemm_enabled; BSCONV_CPU_NO_BF16_GEMM=1 turns it off).
+  m.def("cpu_bf16_gemm() -> bool", [] { return bf16_gemm_enabled(); });
 }
 }  // namespace bsconv::cpu

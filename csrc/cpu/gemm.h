@@ -3,9 +3,10 @@
 // The projections are ordinary GEMMs on cache-sized tiles. float GEMMs run on oneDNN's brgemm
 // micro-kernel, which PyTorch exposes as at::native::cpublas::brgemm (it falls back to the BLAS
 // itself where oneDNN's ukernel is unavailable: no AVX2, or oneDNN disabled), on B packed into
-// panels of kPanel columns (or read in place, see gemm()) and k in chunks of kChunkK. Measured on the 2-core AMD EPYC (Zen 2)
-// build machine, one thread, the tile shapes of the benchmark suite (P x N x K from 196 x 512 x
-// 512 to 3136 x 64 x 32, and the weight gradients' 64 x 32 x 4096): 91-101 GFLOP/s, against
+// panels of kPanel columns (or read in place, see gemm()) and k in chunks of kChunkK (bfloat16
+// operands: gemm_bf16 below). Measured on the 2-core AMD EPYC (Zen 2) build machine, one
+// thread, the tile shapes of the benchmark suite (P x N x K from 196 x 512 x 512 to 3136 x 64 x
+// 32, and the weight gradients' 64 x 32 x 4096): 91-101 GFLOP/s, against
 // 64-78 for MKL's sgemm on the same operands; wider panels (40-64 columns) or unpacked B with a
 // power-of-two row stride drop to 63-80. double GEMMs go to the BLAS that PyTorch links (MKL on
 // x86-64 wheels exports the Fortran `sgemm_` / `dgemm_`). The BLAS symbols are declared weak:
@@ -15,6 +16,7 @@
 #pragma once
 
 #include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -236,6 +238,78 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
     gemm_packed(m, n, k, at, k, bp, c, ldc, acc);
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// bfloat16 GEMMs (float accumulation) on oneDNN's brgemm micro-kernel for bfloat16 operands,
+// which runs on AMX tiles or AVX-512 BF16 where the CPU has them: B in VNNI panels of kPanel
+// columns (pairs of k interleaved, at::native::cpublas::pack), k even (an odd k stopped the
+// micro-kernel with an illegal instruction on the AMX host).
+
+// True when the bfloat16 GEMMs run: this torch has the bfloat16 brgemm, the CPU supports it
+// (cpublas::could_pack) and BSCONV_CPU_NO_BF16_GEMM is not set to a non-zero value (which
+// leaves the float GEMMs on widened operands; results agree to float rounding).
+inline bool bf16_gemm_enabled() {
+  static const bool on = [] {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+    const char* env = std::getenv("BSCONV_CPU_NO_BF16_GEMM");
+    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    return at::native::cpublas::could_pack(at::kBFloat16);
+#else
+    return false;
+#endif
+  }();
+  return on;
+}
+
+// Elements of one VNNI panel of a k-row operand.
+inline int64_t bf16_panel_size(int64_t k) { return round_up(k, 2) * kPanel; }
+
+// Panel j of W^T (k x n; W [n][k] row-major, k even): columns [j * kPanel, ...) of W^T in the
+// layout cpublas::pack writes (checked element for element on the AMX host), [k / 2][kPanel][2]
+// with zeros past n: a transpose of the rows' bfloat16 pairs seen as 32-bit words (moved, not
+// computed on, so any bit pattern goes through as it is).
+inline void pack_bf16_wt_panel(const c10::BFloat16* w, int64_t n, int64_t k, int64_t j,
+                               c10::BFloat16* out) {
+  const int64_t j0 = j * kPanel, wd = std::min(kPanel, n - j0);
+  c10::BFloat16* d = out + j * bf16_panel_size(k);
+  if (wd < kPanel) std::fill_n(d, bf16_panel_size(k), c10::BFloat16(0.f));
+  transpose(wd, k / 2, reinterpret_cast<const float*>(w + j0 * k), k / 2,
+            reinterpret_cast<float*>(d), kPanel);
+}
+
+// C[m][0 : cols) = A[m][k] B[k][n0 : n0 + cols) in float, A bfloat16 row-major, B in VNNI
+// panels (pack_bf16_wt_panel; n0 a multiple of kPanel), k even.
+inline void gemm_bf16(int64_t m, int64_t n0, int64_t cols, int64_t k, const c10::BFloat16* a,
+                      int64_t lda, const c10::BFloat16* panels, float* c, int64_t ldc) {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  TORCH_INTERNAL_ASSERT(n0 % kPanel == 0 && k % 2 == 0, "bsconv_fused: bfloat16 GEMM at ", n0,
+                        " with k = ", k);
+  for (int64_t j0 = n0; j0 < n0 + cols; j0 += kPanel) {
+    const int64_t wd = std::min(kPanel, n0 + cols - j0);
+    at::native::cpublas::brgemm(m, wd, k, lda, kPanel, ldc, false, a,
+                                panels + j0 / kPanel * bf16_panel_size(k), c + (j0 - n0), true);
+  }
+#else
+  TORCH_INTERNAL_ASSERT(false, "bsconv_fused: no bfloat16 brgemm in this torch");
+#endif
+}
+
+// Releases the micro-kernel's hardware context (AMX tile state) of the calling thread when the
+// guard that used it goes out of scope.
+class Bf16GemmScope {
+ public:
+  explicit Bf16GemmScope(bool used) : used_(used) {}
+  ~Bf16GemmScope() {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+    if (used_) at::native::cpublas::brgemm_release(true);
+#endif
+  }
+  Bf16GemmScope(const Bf16GemmScope&) = delete;
+  Bf16GemmScope& operator=(const Bf16GemmScope&) = delete;
+
+ private:
+  bool used_;
+};
 
 inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
                  const double* a, int64_t lda, const double* b, int64_t ldb, double beta,

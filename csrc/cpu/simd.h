@@ -1307,12 +1307,55 @@ void convert_n(const S* s, D* d, int64_t n) {
   for (int64_t i = 0; i < n; ++i) d[i] = D(s[i]);
 }
 
+#if defined(__SSE2__)
+// 16-bit words (bfloat16 / half moved as bits) in 8 x 8 tiles of SSE2 registers: the element
+// loop of transpose_generic made the NCHW -> channels-last copy of a bfloat16 x 16% of a
+// 512->512 14x14 B=8 forward.
+inline void transpose_u16(int64_t rows, int64_t cols, const uint16_t* src, int64_t lds,
+                          uint16_t* dst, int64_t ldd) {
+  const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+  for (int64_t r0 = 0; r0 < r8; r0 += 8) {
+    for (int64_t c0 = 0; c0 < c8; c0 += 8) {
+      __m128i a[8], b[8];
+      for (int i = 0; i < 8; ++i) {
+        a[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (r0 + i) * lds + c0));
+      }
+      for (int i = 0; i < 4; ++i) {
+        b[2 * i] = _mm_unpacklo_epi16(a[2 * i], a[2 * i + 1]);
+        b[2 * i + 1] = _mm_unpackhi_epi16(a[2 * i], a[2 * i + 1]);
+      }
+      // b[0]: (r0 r1) pairs of columns 0-3, b[1]: columns 4-7, b[2], b[3]: rows 2-3, ...
+      for (int h = 0; h < 2; ++h) {
+        const __m128i p0 = _mm_unpacklo_epi32(b[h], b[2 + h]);
+        const __m128i p1 = _mm_unpackhi_epi32(b[h], b[2 + h]);
+        const __m128i q0 = _mm_unpacklo_epi32(b[4 + h], b[6 + h]);
+        const __m128i q1 = _mm_unpackhi_epi32(b[4 + h], b[6 + h]);
+        a[4 * h + 0] = _mm_unpacklo_epi64(p0, q0);
+        a[4 * h + 1] = _mm_unpackhi_epi64(p0, q0);
+        a[4 * h + 2] = _mm_unpacklo_epi64(p1, q1);
+        a[4 * h + 3] = _mm_unpackhi_epi64(p1, q1);
+      }
+      for (int i = 0; i < 8; ++i) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (c0 + i) * ldd + r0), a[i]);
+      }
+    }
+  }
+  // The edges.
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = r < r8 ? c8 : 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
+}
+#endif
+
 template <typename T>
 void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
 #if BSCONV_X86_AVX2
   if constexpr (std::is_same_v<T, float>) {
     if (avx2_enabled()) return transpose_avx2(rows, cols, src, lds, dst, ldd);
   }
+#endif
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, uint16_t>) return transpose_u16(rows, cols, src, lds, dst, ldd);
 #endif
   transpose_generic(rows, cols, src, lds, dst, ldd);
 }
