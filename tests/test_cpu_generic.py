@@ -118,7 +118,8 @@ def test_bf16_gemm_switch_and_float_path_bits() -> None:
     """BSCONV_CPU_NO_BF16_GEMM=1 turns the bfloat16 GEMM off (cpu_bf16_gemm says so); the
     bfloat16 forward then widens x and runs the float32 kernels, bit for bit the float32 op
     rounded (the test's exact branch). With the GEMM on, where the CPU runs it (AMX at least;
-    cpublas::could_pack decides), the same test takes its one-step branch for BSConv-U."""
+    cpublas::could_pack decides), the same test takes its GEMM branches (BSConv-U: one
+    bfloat16 step; BSConv-S: accuracy)."""
     probe = ["-c", "import torch, bsconv_fused; print(torch.ops.bsconv_fused.cpu_bf16_gemm())"]
     assert _run(probe, generic=False, bf16_gemm=False).stdout.strip() == "False"
     on = _run(probe, generic=False).stdout.strip()

@@ -136,11 +136,13 @@ def test_bfloat16_forward_is_the_float32_one_rounded(layout, variant, M, N, H, W
     even; NaN stays NaN). Covers the vector conversions (8 at a time, then the tail; x, weights
     and y) in both layouts, on each projection path: the BLAS (fewer than 256 pixels, more
     than 64 input channels), the register tiles (37 channels) and packed-weight GEMMs.
-    Where the bfloat16 GEMM projects x instead (BSConv-U with an even number of input
-    channels on a CPU that runs it, see cpu_bf16_gemm), the projection sums the same exact
-    products in another order: the float results differ by float rounding, so the rounded
-    ones by at most one bfloat16 step.
-    test_cpu_generic runs this test again with that GEMM turned off, bit for bit."""
+    Where the bfloat16 GEMM projects x instead (even channel counts into each projection on
+    a CPU that runs it, see cpu_bf16_gemm): BSConv-U sums the same exact products in another
+    order, so the float results differ by float rounding and the rounded ones by at most one
+    bfloat16 step; BSConv-S rounds u to bfloat16 between its GEMMs (as the unfused bfloat16
+    path rounds its first convolution), so it is held to check_lowp's accuracy bound against
+    float64 instead. test_cpu_generic runs this test again with that GEMM turned off: bit for
+    bit in every case."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     p = make_problem(variant, B=B, M=M, N=N, mid=22, H=H, W=W, padding=1,
                      mid_activation="relu6" if variant == "s" else None,
@@ -153,7 +155,15 @@ def test_bfloat16_forward_is_the_float32_one_rounded(layout, variant, M, N, H, W
     assert yb.dtype == torch.bfloat16 and yb.is_contiguous(memory_format=fmt)
     nan = yf.isnan()
     assert nan.any() and torch.equal(yb.isnan(), nan)
-    if variant == "u" and M % 2 == 0 and torch.ops.bsconv_fused.cpu_bf16_gemm():
+    gemm = torch.ops.bsconv_fused.cpu_bf16_gemm() and M % 2 == 0  # mid = 22: even
+    if gemm and variant == "s":
+        pc = p.cast(torch.bfloat16, fmt, requires_grad=False)  # the same values, no NaN
+        p64 = pc.cast(torch.float64)
+        y64 = p64.reference()
+        y_abs, _ = magnitudes(pc, torch.ones_like(y64))
+        with torch.no_grad():
+            assert_accurate("y", pc.fused(), pc.reference(), y64, y_abs)
+    elif gemm:
         b, f = yb[~nan].double(), yf[~nan].double()
         # One bfloat16 step (at most eps * |value|) plus the float sums' reordering, bounded
         # by 64 float ulps of the largest output (unit-scale data, sums of a few hundred terms).

@@ -140,7 +140,8 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
   const int64_t ncp_max = round_up(plan.nc, kLanes), S_ = plan.slots, Wp = cols.Wp_alloc;
   constexpr bool same_out = std::is_same_v<scalar_t, acc_t>;
   constexpr bool bf16_in = std::is_same_v<scalar_t, c10::BFloat16>;
-  TORCH_INTERNAL_ASSERT(w.wbp == nullptr || (x_cl && !S), "bsconv_fused: bfloat16 GEMM operands");
+  TORCH_INTERNAL_ASSERT(w.wbp == nullptr || (x_cl && (!S || w.wbp2 != nullptr)),
+                        "bsconv_fused: bfloat16 GEMM operands");
   const int64_t cbs = S_ * Wp * kLanes;  // channel-block stride of the v slots (B8)
 
   // Tasks of whole images (plan.nb each): grouped small images, or channel-major float x that
@@ -155,7 +156,6 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
     Scratch<acc_t> Vt(kSlotFwdVt, S_ * W * ncp_max, false), V(kSlotFwdV, S_ * Wp * ncp_max);
     Scratch<acc_t> zero_row(kSlotFwdZero, Wp * kLanes);
     Scratch<acc_t> obuf(kSlotFwdOut, plan.ob * Wo * ncp_max, false);
-    Scratch<scalar_t> yrow(kSlotFwdYrow, !y_cl && !same_out ? Wo * ncp_max : 0, false);
     // Tasks of whole images project them at once: x gathered unless in place, u and v for all
     // pixels of the task.
     const int64_t P_group = plan.nb * H * W, rows_x = images ? P_group : S_ * W;
@@ -163,6 +163,18 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
                           (images && !x_cl);
     Scratch<acc_t> Xs(kSlotFwdX, x_gather ? rows_x * g.M : 0, false);
     Scratch<acc_t> Us(kSlotFwdU, S ? rows_x * C : 0, false);
+    Scratch<scalar_t> Ub(kSlotFwdUb, S && w.wbp != nullptr ? rows_x * C : 0, false);
+    // bfloat16 GEMMs: channels-last x rows (P pixels from xa) into v [P][ncp] channels
+    // [n0, n0 + ncur), BSConv-S through u rounded to bfloat16.
+    auto bf16_project = [&](const scalar_t* xa, int64_t P, int64_t n0, int64_t ncur,
+                            acc_t* v, int64_t ldv) {
+      if constexpr (bf16_in) {
+        if (!S) return gemm_bf16(P, n0, ncur, g.M, xa, g.M, w.wbp, v, ldv);
+        gemm_bf16(P, 0, C, g.M, xa, g.M, w.wbp, Us.get(), C);
+        convert_n(Us.get(), Ub.get(), P * C);
+        gemm_bf16(P, n0, ncur, C, Ub.get(), C, w.wbp2, v, ldv);
+      }
+    };
     Scratch<acc_t> Vg(kSlotFwdVg, images ? P_group * ncp_max : 0, false);
     RowRing ring(S_, H);
     std::vector<int64_t> rcbs(plan.ob * g.Kh);
@@ -192,7 +204,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
           const int64_t P = (rb - ra) * W;
           if constexpr (bf16_in) {
             if (w.wbp != nullptr) {
-              gemm_bf16(P, n0, ncur, g.M, x + (b * H + ra) * W * g.M, g.M, w.wbp, Vt.get(), ncp);
+              bf16_project(x + (b * H + ra) * W * g.M, P, n0, ncur, Vt.get(), ncp);
               return to_slots(Vt.get(), ra, rb);
             }
           }
@@ -261,13 +273,9 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
               convert_n(o + j * ncp, y + (b * HoWo + i * Wo + j) * N + n0, ncur);
             }
           } else {
-            // One conversion for the row's channels, then short copies (a conversion call
-            // per channel row of 14 pixels was 14% of a bfloat16 512->512 14x14 forward).
-            convert_n(o, yrow.get(), ncur * Wo);
-            for (int64_t n = 0; n < ncur; ++n) {
-              std::memcpy(static_cast<void*>(y + ((b * N + n0 + n) * Ho + i) * Wo),
-                          yrow.get() + n * Wo, size_t(Wo) * sizeof(scalar_t));
-            }
+            // All channels of the row in one call (a call per channel row of 14 pixels was
+            // 14% of a bfloat16 512->512 14x14 forward).
+            convert_rows(o, Wo, y + ((b * N + n0) * Ho + i) * Wo, HoWo, ncur, Wo);
           }
         }
       }
@@ -288,9 +296,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
         const int64_t n0 = chunk * plan.nc, ncur = std::min(plan.nc, N - n0);
         const int64_t ncp = round_up(ncur, kLanes);
         if constexpr (bf16_in) {
-          if (w.wbp != nullptr) {
-            gemm_bf16(P, n0, ncur, g.M, x + b0 * H * W * g.M, g.M, w.wbp, Vg.get(), ncp);
-          }
+          if (w.wbp != nullptr) bf16_project(x + b0 * H * W * g.M, P, n0, ncur, Vg.get(), ncp);
         }
         if (w.wbp == nullptr) proj_gemm(X, P, n0, ncur, C, wp, w.wvp, Vg.get(), ncp);
         for (int64_t i = 0; i < nb; ++i) run_band(b0 + i, chunk, 0, Vg.get() + i * H * W * ncp);
@@ -842,12 +848,12 @@ at::Tensor standard_layout(const at::Tensor& t, at::MemoryFormat fmt, int slot) 
     // NCHW to channels-last (the copy of x the GEMMs read): blocks of 64 pixels of one image
     // transposed in 8 x 8 tiles, about 1.3-2x faster than the generic strided copy_ (float;
     // bfloat16 512->512 14x14 B=8: see bf16_forward_gemm).
-    const int64_t HW = H * W, blocks = ceil_div(HW, 64);
+    const int64_t bp = 64, HW = H * W, blocks = ceil_div(HW, bp);  // pixels per block
     auto run = [&](const auto* src, auto* dst) {
       at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t q = begin; q < end; ++q) {
-          const int64_t b = q / blocks, p0 = (q % blocks) * 64;
-          const int64_t np = std::min<int64_t>(64, HW - p0);
+          const int64_t b = q / blocks, p0 = (q % blocks) * bp;
+          const int64_t np = std::min<int64_t>(bp, HW - p0);
           transpose(C, np, src + b * C * HW + p0, HW, dst + (b * HW + p0) * C, C);
         }
       });
@@ -867,12 +873,14 @@ at::Tensor standard_layout(const at::Tensor& t, at::MemoryFormat fmt, int slot) 
 // one buffer: the dozen small ATen ops this takes otherwise cost more than a small layer's whole
 // kernel. The projection weights are used in place when they are dense and of the accumulation
 // type already.
-// Whether a bfloat16 forward projects x with the bfloat16 GEMM (BSConv-U, an even number of
-// input channels, a CPU the micro-kernel supports): it reads channels-last x in place (an NCHW
-// x is copied channels-last first, see nchw_x_read_channels_last). 512->512 14x14 B=8 on the
-// AMX host, two threads: the GEMM alone 4-5x faster than the float GEMM on widened x.
+// Whether a bfloat16 forward projects with the bfloat16 GEMM (even input channel counts of
+// its projections, a CPU the micro-kernel supports): it reads channels-last x in place (an
+// NCHW x is copied channels-last first, see nchw_x_read_channels_last). 512->512 14x14 B=8 on
+// the AMX host, two threads: the GEMM alone 4-5x faster than the float GEMM on widened x.
+// BSConv-S rounds u to bfloat16 for its second GEMM, as the unfused bfloat16 path rounds its
+// first convolution's output.
 inline bool bf16_forward_gemm(const Geometry& g) {
-  return !g.subspace() && g.M % 2 == 0 && bf16_gemm_enabled();
+  return g.M % 2 == 0 && (!g.subspace() || g.Mmid % 2 == 0) && bf16_gemm_enabled();
 }
 
 template <typename scalar_t, typename acc_t>
@@ -897,7 +905,7 @@ class PackedWeights {
     const bool bf16_w1 = std::is_same_v<scalar_t, c10::BFloat16> && !backward &&
                          bf16_forward_gemm(g);
     const int64_t o_w1 = take(convert && !bf16_w1, g.proj1_rows() * g.M);
-    const int64_t o_w2 = take(convert && pw2.has_value(), N * g.Mmid);
+    const int64_t o_w2 = take(convert && pw2.has_value() && !bf16_w1, N * g.Mmid);
     const int64_t o_taps = take(true, KK * Np), o_bias = take(true, Np);
     const int64_t o_scale = take(true, Np), o_shift = take(true, Np);
     const bool panels = use_panels(g, std::is_same_v<acc_t, float>) && !bf16_w1;
@@ -924,7 +932,7 @@ class PackedWeights {
       }
     };
     w_.w1 = bf16_w1 ? nullptr : dense(p1_, o_w1);
-    w_.w2 = pw2 ? dense(p2_, o_w2) : nullptr;
+    w_.w2 = pw2 && !bf16_w1 ? dense(p2_, o_w2) : nullptr;
     // Per-channel vectors padded to Np (zero beyond N; scale 1 without a scale).
     auto vec = [&](const std::optional<at::Tensor>& v, int64_t off, acc_t absent) {
       acc_t* d = B + off;
@@ -986,14 +994,24 @@ class PackedWeights {
     w_.w2n = panels_of(w_.w2, N, g.Mmid, false, o_w2n);
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_w1) {
-        // W^T (M x N) into VNNI panels, panel groups in parallel.
-        const int64_t panels = ceil_div(N, kPanel), ps = bf16_panel_size(g.M);
-        c10::BFloat16* d = Scratch<c10::BFloat16>(kSlotWeightsBf16, panels * ps, false).get();
-        const c10::BFloat16* src = p1_.const_data_ptr<c10::BFloat16>();
-        at::parallel_for(0, panels, 16384 / ps + 1, [&](int64_t j0, int64_t j1) {
-          for (int64_t j = j0; j < j1; ++j) pack_bf16_wt_panel(src, N, g.M, j, d);
+        // W1^T (M x rows) and BSConv-S's W2^T (Mmid x N) into VNNI panels, in parallel.
+        const int64_t R = g.proj1_rows(), p1 = ceil_div(R, kPanel), s1 = bf16_panel_size(g.M);
+        const int64_t p2 = pw2 ? ceil_div(N, kPanel) : 0, s2 = bf16_panel_size(g.Mmid);
+        c10::BFloat16* d =
+            Scratch<c10::BFloat16>(kSlotWeightsBf16, p1 * s1 + p2 * s2, false).get();
+        const c10::BFloat16* src1 = p1_.const_data_ptr<c10::BFloat16>();
+        const c10::BFloat16* src2 = pw2 ? p2_.const_data_ptr<c10::BFloat16>() : nullptr;
+        at::parallel_for(0, p1 + p2, 16384 / s1 + 1, [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) {
+            if (j < p1) {
+              pack_bf16_wt_panel(src1, R, g.M, j, d);
+            } else {
+              pack_bf16_wt_panel(src2, N, g.Mmid, j - p1, d + p1 * s1);
+            }
+          }
         });
         w_.wbp = d;
+        w_.wbp2 = pw2 ? d + p1 * s1 : nullptr;
       }
     }
   }
@@ -1154,7 +1172,7 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   m.def("cpu_isa() -> str", [] {
     return std::string(avx512_enabled() ? "avx512" : avx2_enabled() ? "avx2" : "generic");
   });
-  // Whether bfloat16 BSConv-U forwards (an even number of input channels) project x with the
+  // Whether bfloat16 forwards (even channel counts into the projections) project with the
   // bfloat16 GEMM (bf16_gemm_enabled; BSCONV_CPU_NO_BF16_GEMM=1 turns it off).
   m.def("cpu_bf16_gemm() -> bool", [] { return bf16_gemm_enabled(); });
 }

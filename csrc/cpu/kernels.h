@@ -50,7 +50,7 @@ enum ScratchSlot : int {
   kSlotFwdVt = 0, kSlotFwdV, kSlotFwdZero, kSlotFwdOut, kSlotFwdX, kSlotFwdU, kSlotFwdVg,
   kSlotBwdU, kSlotBwdPartials, kSlotBwdV, kSlotBwdA, kSlotBwdGvb, kSlotBwdGc, kSlotBwdGu,
   kSlotBwdGy, kSlotBwdX, kSlotBwdGx, kSlotBwdGb, kSlotBwdDsc, kSlotBwdDsh, kSlotWeights,
-  kSlotWeightsBf16, kSlotFwdYrow,
+  kSlotWeightsBf16, kSlotFwdUb,
   kSlotInput, kSlotGradOut,  // the calling thread's standard-layout copies of x and grad_y
   kNumSlots
 };
@@ -124,9 +124,10 @@ struct Weights {
   const acc_t* w1p;    // BSConv-S: w1 transposed, [M][Mmid]
   const acc_t* w1n;    // w1 as it is, [proj1_rows][M] (input gradients)
   const acc_t* w2n;    // BSConv-S: w2 as it is, [N][Mmid]
-  // bfloat16 forward of BSConv-U on channels-last x (bf16_gemm_enabled, M even), else
-  // nullptr: w1^T in the bfloat16 GEMM's VNNI panels (gemm_bf16).
+  // bfloat16 forward on channels-last x (bf16_forward_gemm), else nullptr: w1^T and
+  // BSConv-S's w2^T in the bfloat16 GEMM's VNNI panels (gemm_bf16).
   const c10::BFloat16* wbp = nullptr;
+  const c10::BFloat16* wbp2 = nullptr;
 };
 
 // Threads worth using for `flops` of work: a thread of the intra-op pool costs ~10 us to wake

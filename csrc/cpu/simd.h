@@ -1294,6 +1294,28 @@ BSCONV_AVX2 inline void float_to_bf16_avx2(const float* s, c10::BFloat16* d, int
 }
 #endif
 
+#if BSCONV_X86_AVX2
+BSCONV_AVX2 inline void float_to_bf16_rows_avx2(const float* s, int64_t sld, c10::BFloat16* d,
+                                                int64_t dld, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) float_to_bf16_avx2(s + r * sld, d + r * dld, n);
+}
+#endif
+
+template <typename S, typename D>
+void convert_n(const S* s, D* d, int64_t n);
+
+// convert_n on `rows` rows of n elements (row strides sld, dld) in one call: NCHW output rows
+// of a few pixels per channel, where a call per row cost more than its conversion.
+template <typename S, typename D>
+void convert_rows(const S* s, int64_t sld, D* d, int64_t dld, int64_t rows, int64_t n) {
+#if BSCONV_X86_AVX2
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<D, c10::BFloat16>) {
+    if (avx2_enabled()) return float_to_bf16_rows_avx2(s, sld, d, dld, rows, n);
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r) convert_n(s + r * sld, d + r * dld, n);
+}
+
 template <typename S, typename D>
 void convert_n(const S* s, D* d, int64_t n) {
 #if BSCONV_X86_AVX2
