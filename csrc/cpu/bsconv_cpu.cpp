@@ -846,8 +846,8 @@ at::Tensor standard_layout(const at::Tensor& t, at::MemoryFormat fmt, int slot) 
   if (nchw && fmt == at::MemoryFormat::ChannelsLast &&
       (t.scalar_type() == at::kFloat || half_width)) {
     // NCHW to channels-last (the copy of x the GEMMs read): blocks of 64 pixels of one image
-    // transposed in 8 x 8 tiles, about 1.3-2x faster than the generic strided copy_ (float;
-    // bfloat16 512->512 14x14 B=8: see bf16_forward_gemm).
+    // transposed in 8 x 8 tiles, about 1.3-2x faster than the generic strided copy_ for float
+    // (16-bit types: transpose_u16).
     const int64_t bp = 64, HW = H * W, blocks = ceil_div(HW, bp);  // pixels per block
     auto run = [&](const auto* src, auto* dst) {
       at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -869,10 +869,6 @@ at::Tensor standard_layout(const at::Tensor& t, at::MemoryFormat fmt, int slot) 
   return c;
 }
 
-// The weights in the kernels' layouts and in the accumulation type, packed by plain loops into
-// one buffer: the dozen small ATen ops this takes otherwise cost more than a small layer's whole
-// kernel. The projection weights are used in place when they are dense and of the accumulation
-// type already.
 // Whether a bfloat16 forward projects with the bfloat16 GEMM (even input channel counts of
 // its projections, a CPU the micro-kernel supports): it reads channels-last x in place (an
 // NCHW x is copied channels-last first, see nchw_x_read_channels_last). 512->512 14x14 B=8 on
@@ -883,6 +879,10 @@ inline bool bf16_forward_gemm(const Geometry& g) {
   return g.M % 2 == 0 && (!g.subspace() || g.Mmid % 2 == 0) && bf16_gemm_enabled();
 }
 
+// The weights in the kernels' layouts and in the accumulation type, packed by plain loops into
+// one buffer: the dozen small ATen ops this takes otherwise cost more than a small layer's whole
+// kernel. The projection weights are used in place when they are dense and of the accumulation
+// type already.
 template <typename scalar_t, typename acc_t>
 class PackedWeights {
  public:

@@ -20,7 +20,8 @@
 // NCHW float x of a BSConv-U projection that runs on packed weights (use_panels) and would
 // be transposed block by block too often (nchw_x_read_channels_last): the host copies it to
 // channels-last once, and y / gx stay NCHW. The float GEMMs run on oneDNN's
-// brgemm micro-kernel with B packed into panels (gemm.h).
+// brgemm micro-kernel with B packed into panels (gemm.h); bfloat16 forwards, where the CPU
+// supports it, on its bfloat16 micro-kernel (gemm_bf16, channels-last x only).
 #pragma once
 
 #include <ATen/Parallel.h>
