@@ -207,7 +207,8 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
     // forward 32->64 112x112 B=8 14%, 64->128 112x112 s2 B=1 10%, BSConv-S 512->86->512
     // 14x14 4% faster; forward+backward 128->22->128 56x56 B=8 5%. 49-pixel rows (7x7
     // images, a panel and a tail) ran 2-6% slower unpacked, so they stay packed; with m < 64
-    // (BSConv-S's u: 128->22 56x56 B=8) packing is 2% faster.
+    // (BSConv-S's u: 128->22 56x56 B=8) packing is 2% faster. Power-of-two row strides (the
+    // Zen 2 case above) did not hurt here: 64x64 and 128x128 images packed were 11-13% slower.
     return gemm_panels(m, n, k, a, lda, b, ldb, c, ldc, acc);
   }
   if (!trans_a) {
