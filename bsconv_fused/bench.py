@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import gc
 import json
 import math
 import os
@@ -531,8 +532,24 @@ def time_round_robin(steps: dict[str, Callable[[], None]], sync: Callable[[], No
     :func:`balanced_orders` (cycled).
 
     The number of repeats is ``repeats``, lowered to fit ``budget`` seconds (estimated from the
-    last warm-up round) but never below ``min_repeats``; budget <= 0 means no limit.
+    last warm-up round) but never below ``min_repeats``; budget <= 0 means no limit. Python's
+    cyclic garbage collector is off while the calls are timed (as :mod:`timeit` does): a
+    collection would land on whichever call happened to cross its threshold (the autograd
+    graphs of forward+backward steps allocate enough to trigger one every few calls). The
+    steps free their tensors by reference counting, so nothing piles up meanwhile.
     """
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _round_robin(steps, sync, warmup, repeats, min_repeats, budget)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _round_robin(steps: dict[str, Callable[[], None]], sync: Callable[[], None], warmup: int,
+                 repeats: int, min_repeats: int, budget: float) -> dict[str, Timing]:
     names = list(steps)
     round_time = 0.0
     for _ in range(warmup):

@@ -175,6 +175,23 @@ def test_round_robin_timing_counts() -> None:
     assert all(t.repeats == 6 and t.min_ms <= t.median_ms <= t.max_ms for t in timings.values())
 
 
+def test_round_robin_times_with_gc_off() -> None:
+    import gc
+    seen: list[bool] = []
+    steps = {"a": lambda: seen.append(gc.isenabled())}
+
+    def failing() -> None:
+        raise RuntimeError("step failed")
+
+    assert gc.isenabled()
+    bench.time_round_robin(steps, lambda: None, warmup=1, repeats=3, min_repeats=1, budget=0)
+    assert seen == [False] * 4 and gc.isenabled()
+    with pytest.raises(RuntimeError, match="step failed"):
+        bench.time_round_robin({"f": failing}, lambda: None, warmup=1, repeats=1,
+                               min_repeats=1, budget=0)
+    assert gc.isenabled()  # restored when a step raises too
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7])
 def test_balanced_orders(n: int) -> None:
     orders = bench.balanced_orders(n)
