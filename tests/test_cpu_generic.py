@@ -117,15 +117,15 @@ def test_avx512_loops_equal_avx2_bit_for_bit(tmp_path) -> None:
 def test_bf16_gemm_switch_and_float_path_bits() -> None:
     """BSCONV_CPU_NO_BF16_GEMM=1 turns the bfloat16 GEMM off (cpu_bf16_gemm says so); the
     bfloat16 forward then widens x and runs the float32 kernels, bit for bit the float32 op
-    rounded (the test's exact branch). With the GEMM on, where the CPU runs it (AMX at least;
-    cpublas::could_pack decides), the same test takes its GEMM branches (BSConv-U: one
-    bfloat16 step; BSConv-S: accuracy)."""
+    rounded (the test's exact branch). With the GEMM on, where the CPU runs it (AMX or
+    AVX-512 BF16), the same test takes its GEMM branches (BSConv-U: one bfloat16 step;
+    BSConv-S: accuracy)."""
     probe = ["-c", "import torch, bsconv_fused; print(torch.ops.bsconv_fused.cpu_bf16_gemm())"]
     assert _run(probe, generic=False, bf16_gemm=False).stdout.strip() == "False"
     on = _run(probe, generic=False).stdout.strip()
     assert on in ("True", "False")
-    if _cpu_has("amx_bf16", "amx_tile"):
-        assert on == "True"  # oneDNN's micro-kernel runs bfloat16 on AMX tiles
+    if _cpu_has("amx_bf16", "amx_tile") or _cpu_has("avx512_bf16"):
+        assert on == "True"  # oneDNN's micro-kernel runs bfloat16 on AMX tiles or AVX512-BF16
     r = _run(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:logging",
               "tests/test_forward_backward.py", "-k", "bfloat16_forward_is_the_float32"],
              generic=False, bf16_gemm=False)
