@@ -116,6 +116,19 @@ def test_small_images_projected_in_groups(threads, layout, variant):
             assert max_err(a, b) <= F64_TOL * max(1.0, b.abs().max().item())
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("B,H,W", [(2, 12, 11), (1, 7, 7)])
+def test_float32_1024_channels(layout, B, H, W):
+    """1024 channels in and out: the GEMM operands whose rows are 4 KiB apart (channels-last x,
+    the recomputed v and gv, the weights) go to the micro-kernel 16 rows at a time (gemm.h,
+    kAliasRows); 2 x 12 x 11 pixels (>= 256: packed weights) are tasks of rows that are not
+    multiples of 16. One 7x7 image: the NCHW forward projects its 49 pixels on the BLAS.
+    Forward and every gradient against float64, as check_lowp bounds them."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    p = make_problem("u", B=B, M=1024, N=1024, H=H, W=W, padding=1, seed=5)
+    check_lowp(p.cast(torch.float32, fmt), seed=4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", ["u", "s"])
 @pytest.mark.parametrize("act,mode", [(None, "zeros"), ("relu6", "reflect"),
