@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
+        print(f"allocator: {bench.steady_allocator()}", file=sys.stderr)  # as the benchmark
         try:
             layers = bench.select_layers("default", args.shapes)
         except re.error as exc:

@@ -39,6 +39,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
+import ctypes.util
 import datetime
 import gc
 import json
@@ -661,11 +663,12 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, quick: bool) -> Peak
     for dt in dtypes:
         a = torch.randn(n, n, device=device, dtype=dt)
         b = torch.randn(n, n, device=device, dtype=dt)
-        t = _median_time(lambda: torch.mm(a, b), sync, 3 if quick else 7)
+        t = _median_time(lambda a=a, b=b: torch.mm(a, b), sync, 3 if quick else 7)
         img = a.reshape(1, n, n // 32, 32).contiguous(memory_format=torch.channels_last)
         w = b.reshape(n, n, 1, 1)
         with torch.no_grad():
-            t = min(t, _median_time(lambda: F.conv2d(img, w), sync, 3 if quick else 7))
+            t = min(t, _median_time(lambda i=img, w=w: F.conv2d(i, w), sync,
+                                    3 if quick else 7))
         if t < t_mm:
             t_mm, gemm_dtype = t, dt
     elems = (4 if quick else 32) * 2 ** 20  # 16 or 128 MiB of float32: beyond the caches
@@ -923,6 +926,37 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+# glibc's malloc serves a request above its mmap threshold with a fresh mmap(): its pages are
+# faulted in and zeroed by the kernel on every call, and munmap()ed on free. Each such block
+# freed raises the threshold to its size (up to 32 MiB on 64-bit, the trim threshold to twice
+# that), so a process's timings depend on the largest tensor it happened to free before: on
+# the Xeon build machine the channels_last reference of 256->256 28x28 k5 B=8 (6.4 MB
+# intermediate) took 7 ms before the first large free and 3 ms after it, in the same process.
+# The benchmark pins the thresholds at the values glibc itself settles at in a long-running
+# training process (mallopt also turns the adjustment off), so that every run and every case
+# times the same allocator, whatever ran first (the peak probes, a --quick run's smaller ones).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+STEADY_MMAP_THRESHOLD = 32 << 20
+
+
+def steady_allocator() -> str:
+    """Pins glibc's mmap and trim thresholds at their steady state (see above); returns what the
+    allocator is now, for the report ("as is" where the C library is not glibc)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return "as is (no glibc mallopt)"
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    if not (mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)
+            and mallopt(M_TRIM_THRESHOLD, 2 * STEADY_MMAP_THRESHOLD)):
+        return "as is (mallopt refused)"
+    return (f"glibc malloc, mmap threshold {STEADY_MMAP_THRESHOLD >> 20} MiB, trim threshold "
+            f"{2 * STEADY_MMAP_THRESHOLD >> 20} MiB (pinned at glibc's steady state)")
+
+
 def load_average() -> float | None:
     """The 1-minute load average (None where the OS has none)."""
     try:
@@ -1048,6 +1082,7 @@ def render_markdown(rows: list[Row], summary: dict[str, Any], peaks: Peaks,
         f"- CPU: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}, "
         f"{machine['torch_threads']} threads; Python {machine['python']}; load average "
         f"{machine['load_avg_start']} at start, {machine.get('load_avg_end')} at end\n"
+        f"- Allocator: {machine.get('allocator', 'as is')}\n"
         f"{gpu}"
         f"- Device {machine['device']}, dtype {dtype}; measured peaks: GEMM "
         f"{peaks.flops / 1e9:.1f} GFLOP/s ({peaks.gemm_dtype} {peaks.gemm_n}^3), copy "
@@ -1270,6 +1305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-backends", action="store_true",
                    help="skip profiling which kernels each variant ran")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--malloc-as-is", dest="steady_malloc", action="store_false",
+                   help="leave glibc's malloc thresholds to their dynamic adjustment (default: "
+                   "pinned at its steady state, so that runs do not depend on what ran first)")
     p.add_argument("--out", type=Path, default=Path("bench_out"),
                    help="output folder (default bench_out/)")
     p.add_argument("--markdown", type=Path, default=None,
@@ -1326,6 +1364,7 @@ def print_header(machine: dict[str, Any], cfg: Settings, note: str | None) -> No
     print(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
           f"({machine['torch_threads']} threads), device {cfg.device}, "
           f"dtype {str(cfg.dtype).replace('torch.', '')}")
+    print(f"allocator: {machine.get('allocator', 'as is')}")
     if "cudnn" in machine:
         print(f"GPU {machine['gpu']}; cuDNN flags {machine['cudnn']}")
     for warning in (note, busy_warning(machine["load_avg_start"], machine["cores"])):
@@ -1358,6 +1397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python -m bsconv_fused.bench"] + [shlex.quote(a) for a in argv_list])
     machine = machine_info(cfg.device)
+    machine["allocator"] = steady_allocator() if args.steady_malloc else "as is"
     note = fused_note(cfg.device)
     print_header(machine, cfg, note)
     peaks = measure_peaks(cfg.device, cfg.dtype, args.quick)

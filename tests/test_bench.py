@@ -9,7 +9,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -211,3 +214,61 @@ def test_cuda_variants_without_running_them() -> None:
     assert not any("tf32" in v.name or v.kind == "compiled" for v in half)
     assert [v.name for v in bench.variants_for(torch.device("cpu"), torch.float32, False)] == [
         "fused", "fused_cl", "ref_nchw", "ref_cl", "dense"]
+
+
+def test_report_names_the_allocator(both_modes: tuple[int, Path, dict[str, Any]]) -> None:
+    _, out, doc = both_modes
+    allocator = doc["machine"]["allocator"]
+    assert allocator.startswith(("glibc malloc, mmap threshold 32 MiB", "as is ("))
+    assert f"- Allocator: {allocator}\n" in (out / "RESULTS.md").read_text()
+
+
+def test_steady_allocator_calls_mallopt(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+
+    def mallopt(param: int, value: int) -> int:
+        calls.append((param, value))
+        return 1
+
+    monkeypatch.setattr(bench.ctypes, "CDLL", lambda name: SimpleNamespace(mallopt=mallopt))
+    text = bench.steady_allocator()
+    assert calls == [(bench.M_MMAP_THRESHOLD, 32 << 20), (bench.M_TRIM_THRESHOLD, 64 << 20)]
+    assert "32 MiB" in text and "64 MiB" in text
+    monkeypatch.setattr(bench.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError()))
+    assert bench.steady_allocator().startswith("as is")
+
+
+# mallinfo2().hblks: the blocks glibc's malloc currently serves by mmap.
+_MALLINFO_PROBE = r"""
+import ctypes, ctypes.util, sys
+from bsconv_fused import bench
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def mapped(nbytes):
+    p = libc.malloc(nbytes)
+    n = libc.mallinfo2().hblks
+    libc.free(p)
+    return n - libc.mallinfo2().hblks
+if sys.argv[1] == "pin":
+    print(bench.steady_allocator())
+print(mapped(1 << 20), mapped(24 << 20), mapped(40 << 20))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_steady_allocator_keeps_blocks_below_32_mib_off_mmap() -> None:
+    def probe(mode: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", _MALLINFO_PROBE, mode], check=True,
+                             capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        return out.stdout.split()
+
+    # A process that has freed no block that large maps a 24 MiB block (importing torch
+    # raises the threshold past 1 MiB already)...
+    assert probe("as-is")[1:] == ["1", "1"]
+    # ... the pinned one serves it from the heap, as a process that freed a 32 MiB block does.
+    assert probe("pin")[-3:] == ["0", "0", "1"]
