@@ -27,12 +27,15 @@ def _cpu_has(*flags: str) -> bool:
     return all(f in words for f in flags)
 
 
-def _run(args: list[str], generic: bool, avx512: bool = True,
-         bf16_gemm: bool = True) -> subprocess.CompletedProcess:
+def _run(args: list[str], generic: bool, avx512: bool = True, bf16_gemm: bool = True,
+         alias_split: bool | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["BSCONV_CPU_GENERIC"] = "1" if generic else "0"
     env["BSCONV_CPU_NO_AVX512"] = "0" if avx512 else "1"
     env["BSCONV_CPU_NO_BF16_GEMM"] = "0" if bf16_gemm else "1"
+    env.pop("BSCONV_CPU_ALIAS_SPLIT", None)
+    if alias_split is not None:
+        env["BSCONV_CPU_ALIAS_SPLIT"] = "1" if alias_split else "0"
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -131,3 +134,58 @@ def test_bf16_gemm_switch_and_float_path_bits() -> None:
              generic=False, bf16_gemm=False)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "10 passed" in r.stdout
+
+
+def _l1_data_ways() -> int | None:
+    """Ways of the L1 data cache of CPU 0, from sysfs (None where it says nothing)."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "1" and \
+                    (index / "type").read_text().strip() == "Data":
+                return int((index / "ways_of_associativity").read_text())
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+# Forward and all gradients of a 1024 -> 1024 layer (rows 4 KiB apart in the GEMM operands:
+# channels-last x, NCHW x gathered channels-last, gv) on 2 x 12 x 11 pixels (packed weights,
+# tasks of rows that are not multiples of 16), both layouts, saved to argv[1].
+_ALIASED_ROWS = """
+import sys, torch, bsconv_fused
+from bsconv_fused import functional as BF
+torch.manual_seed(0)
+out = []
+for fmt in (torch.contiguous_format, torch.channels_last):
+    x = torch.randn(2, 1024, 12, 11).contiguous(memory_format=fmt).requires_grad_()
+    w = (torch.randn(1024, 1024, 1, 1) / 32).requires_grad_()
+    dw = torch.randn(1024, 1, 3, 3).requires_grad_()
+    b = torch.randn(1024).requires_grad_()
+    y = BF.bsconv_u(x, w, dw, b, padding=1)
+    y.backward(torch.randn_like(y))
+    out += [y.detach(), x.grad, w.grad, dw.grad, b.grad]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_alias_split_switch_and_bits(tmp_path: Path) -> None:
+    """GEMM operands whose rows are 4 KiB apart go to the micro-kernel 16 rows at a time on
+    CPUs whose L1 data cache has fewer than 12 ways (gemm.h, alias_split_enabled; the
+    cpu_alias_split op says which); BSCONV_CPU_ALIAS_SPLIT=0/1 forces either. Both must give
+    the same bits (each output element sums the same products in the same order), so the
+    float64-checked 1024-channel test covers the path this CPU does not take by default."""
+    probe = ["-c", "import torch, bsconv_fused; print(torch.ops.bsconv_fused.cpu_alias_split())"]
+    assert _run(probe, generic=False, alias_split=True).stdout.strip() == "True"
+    assert _run(probe, generic=False, alias_split=False).stdout.strip() == "False"
+    default = _run(probe, generic=False).stdout.strip()
+    ways = _l1_data_ways()
+    assert default == (str(ways < 12) if ways else default) and default in ("True", "False")
+    results = []
+    for split in (False, True):
+        path = tmp_path / f"split{int(split)}.pt"
+        r = _run(["-c", _ALIASED_ROWS, str(path)], generic=False, alias_split=split)
+        assert r.returncode == 0, r.stderr[-2000:]
+        results.append(torch.load(path))
+    assert len(results[0]) == len(results[1]) == 10
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -120,8 +120,9 @@ def test_small_images_projected_in_groups(threads, layout, variant):
 @pytest.mark.parametrize("B,H,W", [(2, 12, 11), (1, 7, 7)])
 def test_float32_1024_channels(layout, B, H, W):
     """1024 channels in and out: the GEMM operands whose rows are 4 KiB apart (channels-last x,
-    the recomputed v and gv, the weights) go to the micro-kernel 16 rows at a time (gemm.h,
-    kAliasRows); 2 x 12 x 11 pixels (>= 256: packed weights) are tasks of rows that are not
+    the recomputed v and gv, the weights; on CPUs with L1 caches of fewer than 12 ways they go
+    to the micro-kernel 16 rows at a time, gemm.h kAliasRows, and test_cpu_generic.py checks
+    that the other setting gives the same bits); 2 x 12 x 11 pixels (>= 256: packed weights) are tasks of rows that are not
     multiples of 16. One 7x7 image: the NCHW forward projects its 49 pixels on the BLAS.
     Forward and every gradient against float64, as check_lowp bounds them."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format

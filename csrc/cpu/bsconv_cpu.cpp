@@ -1184,5 +1184,8 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   // Whether bfloat16 forwards (even channel counts into the projections) project with the
   // bfloat16 GEMM (bf16_gemm_enabled; BSCONV_CPU_NO_BF16_GEMM=1 turns it off).
   m.def("cpu_bf16_gemm() -> bool", [] { return bf16_gemm_enabled(); });
+  // Whether GEMM operands with rows 4 KiB apart go to the micro-kernel 16 rows at a time
+  // (alias_split_enabled: L1 data caches of fewer than 12 ways; BSCONV_CPU_ALIAS_SPLIT=0/1).
+  m.def("cpu_alias_split() -> bool", [] { return alias_split_enabled(); });
 }
 }  // namespace bsconv::cpu

@@ -24,6 +24,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <unistd.h>
+
 #include "cpu/simd.h"
 
 extern "C" {
@@ -136,14 +138,34 @@ inline void pack_panels(bool trans, int64_t k, int64_t n, const float* b, int64_
 }
 
 // Rows of A per micro-kernel call when A's row stride is a multiple of 4 KiB (1024 floats: the
-// rows of 1024 or 2048 channels). Such rows fall into the same L1 sets, and the micro-kernel's
-// reads of many rows at once evict each other: on the 2-core AMD EPYC (Zen 4) build machine,
-// one thread, P x N x 1024 GEMMs (P 49..3136, N 32..1024) ran at 50-93 GFLOP/s against
-// 85-114 with A's rows 16 floats apart more; calls of 16 rows ran at 95% of the latter (8 or
-// 32 rows did less well), with no copy of A (copying A to a padded buffer cost more where N
-// is small).
+// rows of 1024 or 2048 channels), on CPUs whose L1 data cache has fewer than 12 ways. Such
+// rows fall into the same L1 set, and the micro-kernel's reads of many rows at once evict each
+// other: on the 2-core AMD EPYC (Zen 4, 32 KiB 8-way L1) build machine, one thread,
+// P x N x 1024 GEMMs (P 49..3136, N 32..1024) ran at 50-93 GFLOP/s against 85-114 with A's
+// rows 16 floats apart more; calls of 16 rows ran at 95% of the latter (8 or 32 rows did less
+// well), with no copy of A (copying A to a padded buffer cost more where N is small). With a
+// 48 KiB 12-way L1 (the 2-core Xeon with AMX, lscpu family 6 model 167 under KVM) the split
+// costs instead: 1024->1024 7x7 B=8 backward 19% slower on one thread and 15% on two, forward 3%
+// (paired A/B in one process, results bit for bit the same).
 constexpr int64_t kAliasRows = 16;
-inline bool set_aliased_stride(int64_t ld) { return ld % 1024 == 0; }
+constexpr long kAliasFreeL1Ways = 12;
+// Whether such rows go to the micro-kernel kAliasRows at a time: L1 ways below
+// kAliasFreeL1Ways (or unknown), unless BSCONV_CPU_ALIAS_SPLIT is set ("0": never, else
+// always; the results do not depend on it).
+inline bool alias_split_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("BSCONV_CPU_ALIAS_SPLIT");
+    if (env != nullptr && env[0] != '\0') return env[0] != '0';
+#ifdef _SC_LEVEL1_DCACHE_ASSOC
+    const long ways = sysconf(_SC_LEVEL1_DCACHE_ASSOC);
+    return ways <= 0 || ways < kAliasFreeL1Ways;
+#else
+    return true;
+#endif
+  }();
+  return on;
+}
+inline bool set_aliased_stride(int64_t ld) { return ld % 1024 == 0 && alias_split_enabled(); }
 
 // C[m][n] = A[m][k] B (+ C when `accumulate`): B packed by pack_panels (ldb < 0), or B[k][n]
 // read in place with row stride ldb.
