@@ -766,25 +766,27 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
     }
   });
 
-  // Fixed-order sum of the group partials, into the gradients (group by group, so that the
-  // loops vectorize; each element is still summed in group order).
+  // Fixed-order sum of the group partials, into the gradients: blocks that stay in L1, summed
+  // group by group (the loops vectorize; each element is still summed in group order).
+  // parallel_for hands each thread one range of ~lay.size / threads elements; summed whole,
+  // 1024->1024 7x7 B=8 (two 4 MB partials) streamed ~7 weight-sized passes through memory.
   at::parallel_for(0, lay.size, 16384, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum;
+    constexpr int64_t kBlock = 1024;
+    acc_t sum[kBlock];
     for (int r = 0; r < kRegions; ++r) {
       scalar_t* dst = regions[r].second;
       const int64_t lo = std::max(begin, bounds[r]), hi = std::min(end, bounds[r + 1]);
       if (dst == nullptr || lo >= hi || (direct_w && r < 2)) continue;
-      const acc_t* p0 = partials.get() + lo;
-      if (groups == 1) {
-        for (int64_t i = 0; i < hi - lo; ++i) dst[lo - bounds[r] + i] = scalar_t(p0[i]);
-        continue;
+      for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+        const int64_t n = std::min(kBlock, hi - b0);
+        const acc_t* p0 = partials.get() + b0;
+        std::copy(p0, p0 + n, sum);
+        for (int64_t grp = 1; grp < groups; ++grp) {
+          const acc_t* pg = p0 + grp * lay.size;
+          for (int64_t i = 0; i < n; ++i) sum[i] += pg[i];
+        }
+        for (int64_t i = 0; i < n; ++i) dst[b0 - bounds[r] + i] = scalar_t(sum[i]);
       }
-      sum.assign(p0, p0 + (hi - lo));
-      for (int64_t grp = 1; grp < groups; ++grp) {
-        const acc_t* pg = p0 + grp * lay.size;
-        for (int64_t i = 0; i < hi - lo; ++i) sum[i] += pg[i];
-      }
-      for (int64_t i = 0; i < hi - lo; ++i) dst[lo - bounds[r] + i] = scalar_t(sum[i]);
     }
   });
 }
