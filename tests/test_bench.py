@@ -7,6 +7,8 @@ so the whole file takes seconds. No assertion is made about the timings themselv
 from __future__ import annotations
 
 import csv
+import ctypes
+import ctypes.util
 import json
 import math
 import subprocess
@@ -260,7 +262,15 @@ print(mapped(1 << 20), mapped(24 << 20), mapped(40 << 20))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def _has_mallinfo2() -> bool:
+    try:
+        return hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _has_mallinfo2(),
+                    reason="glibc's malloc (2.33 or newer, for mallinfo2)")
 def test_steady_allocator_keeps_blocks_below_32_mib_off_mmap() -> None:
     def probe(mode: str) -> list[str]:
         out = subprocess.run([sys.executable, "-c", _MALLINFO_PROBE, mode], check=True,
