@@ -939,14 +939,17 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 STEADY_MMAP_THRESHOLD = 32 << 20
 
 
+def c_library() -> ctypes.CDLL:
+    """The process's C library (raises OSError where it cannot be loaded)."""
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
 def steady_allocator() -> str:
     """Pins glibc's mmap and trim thresholds at their steady state (see above); returns what the
     allocator is now, for the report ("as is" where the C library is not glibc)."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+        mallopt = c_library().mallopt
+    except (OSError, AttributeError):
         return "as is (no glibc mallopt)"
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

@@ -7,8 +7,6 @@ so the whole file takes seconds. No assertion is made about the timings themselv
 from __future__ import annotations
 
 import csv
-import ctypes
-import ctypes.util
 import json
 import math
 import subprocess
@@ -232,19 +230,19 @@ def test_steady_allocator_calls_mallopt(monkeypatch: pytest.MonkeyPatch) -> None
         calls.append((param, value))
         return 1
 
-    monkeypatch.setattr(bench.ctypes, "CDLL", lambda name: SimpleNamespace(mallopt=mallopt))
+    monkeypatch.setattr(bench, "c_library", lambda: SimpleNamespace(mallopt=mallopt))
     text = bench.steady_allocator()
     assert calls == [(bench.M_MMAP_THRESHOLD, 32 << 20), (bench.M_TRIM_THRESHOLD, 64 << 20)]
     assert "32 MiB" in text and "64 MiB" in text
-    monkeypatch.setattr(bench.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError()))
+    monkeypatch.setattr(bench, "c_library", lambda: SimpleNamespace())  # no mallopt
     assert bench.steady_allocator().startswith("as is")
 
 
 # mallinfo2().hblks: the blocks glibc's malloc currently serves by mmap.
 _MALLINFO_PROBE = r"""
-import ctypes, ctypes.util, sys
+import ctypes, sys
 from bsconv_fused import bench
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc = bench.c_library()
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
                 "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -264,7 +262,7 @@ print(mapped(1 << 20), mapped(24 << 20), mapped(40 << 20))
 
 def _has_mallinfo2() -> bool:
     try:
-        return hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2")
+        return hasattr(bench.c_library(), "mallinfo2")
     except OSError:
         return False
 

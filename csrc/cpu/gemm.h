@@ -165,13 +165,13 @@ inline bool alias_split_enabled() {
   }();
   return on;
 }
-inline bool set_aliased_stride(int64_t ld) { return ld % 1024 == 0 && alias_split_enabled(); }
+inline bool split_aliased_rows(int64_t lda) { return lda % 1024 == 0 && alias_split_enabled(); }
 
 // C[m][n] = A[m][k] B (+ C when `accumulate`): B packed by pack_panels (ldb < 0), or B[k][n]
 // read in place with row stride ldb.
 inline void gemm_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                         const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  if (m > kAliasRows && set_aliased_stride(lda)) {
+  if (m > kAliasRows && split_aliased_rows(lda)) {
     for (int64_t i0 = 0; i0 < m; i0 += kAliasRows) {
       gemm_panels(std::min(kAliasRows, m - i0), n, k, a + i0 * lda, lda, b, ldb, c + i0 * ldc,
                   ldc, accumulate);
