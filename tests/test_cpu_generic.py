@@ -28,7 +28,8 @@ def _cpu_has(*flags: str) -> bool:
 
 
 def _run(args: list[str], generic: bool, avx512: bool = True, bf16_gemm: bool = True,
-         alias_split: bool | None = None) -> subprocess.CompletedProcess:
+         alias_split: bool | None = None,
+         stream_stores: bool | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["BSCONV_CPU_GENERIC"] = "1" if generic else "0"
     env["BSCONV_CPU_NO_AVX512"] = "0" if avx512 else "1"
@@ -36,6 +37,9 @@ def _run(args: list[str], generic: bool, avx512: bool = True, bf16_gemm: bool = 
     env.pop("BSCONV_CPU_ALIAS_SPLIT", None)
     if alias_split is not None:
         env["BSCONV_CPU_ALIAS_SPLIT"] = "1" if alias_split else "0"
+    env.pop("BSCONV_CPU_STREAM_STORES", None)
+    if stream_stores is not None:
+        env["BSCONV_CPU_STREAM_STORES"] = "1" if stream_stores else "0"
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -148,6 +152,18 @@ def _l1_data_ways() -> int | None:
     return None
 
 
+def _runs_off_and_on(tmp_path: Path, script: str, switch: str) -> list[list[torch.Tensor]]:
+    """The tensors `script` saves to its argv[1], run with the _run switch `switch` off, then
+    on."""
+    results = []
+    for on in (False, True):
+        path = tmp_path / f"{switch}{int(on)}.pt"
+        r = _run(["-c", script, str(path)], generic=False, **{switch: on})
+        assert r.returncode == 0, r.stderr[-2000:]
+        results.append(torch.load(path))
+    return results
+
+
 # Forward and all gradients of a 1024 -> 1024 layer (rows 4 KiB apart in the GEMM operands:
 # channels-last x, NCHW x gathered channels-last, gv) on 2 x 12 x 11 pixels (packed weights,
 # tasks of rows that are not multiples of 16), both layouts, saved to argv[1].
@@ -182,12 +198,77 @@ def test_alias_split_switch_and_bits(tmp_path: Path) -> None:
     ways = _l1_data_ways()
     if ways:
         assert default == str(ways < 12)
-    results = []
-    for split in (False, True):
-        path = tmp_path / f"split{int(split)}.pt"
-        r = _run(["-c", _ALIASED_ROWS, str(path)], generic=False, alias_split=split)
-        assert r.returncode == 0, r.stderr[-2000:]
-        results.append(torch.load(path))
+    results = _runs_off_and_on(tmp_path, _ALIASED_ROWS, "alias_split")
     assert len(results[0]) == len(results[1]) == 10
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def _l2_bytes() -> int | None:
+    """The L2 size glibc reports (what the extension's sysconf call sees), None if unknown."""
+    try:
+        out = subprocess.run(["getconf", "LEVEL2_CACHE_SIZE"], capture_output=True, text=True,
+                             timeout=30).stdout.strip()
+        return int(out) if int(out) > 0 else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+# Forwards with channels-last y, saved to argv[1] with a float64 reference each: one chunk of
+# all channels (one run of y per block), chunks of 128 + 72 channels (a run per pixel that
+# starts mid-line), 12 channels (padded to 16 in the scratch rows), odd widths, stride 2, a
+# mid transform, and BSConv-S.
+_STREAMED = """
+import sys, torch, bsconv_fused
+from bsconv_fused import functional as BF
+torch.manual_seed(0)
+conv = torch.nn.functional.conv2d
+out = []
+cases = [(2, 64, 64, 17, 23, 3, 1, 0), (3, 96, 200, 9, 13, 3, 1, 0), (2, 5, 12, 11, 7, 5, 1, 0),
+         (2, 48, 80, 15, 15, 3, 2, 0), (2, 40, 56, 10, 9, 3, 1, 8)]
+for B, M, N, H, W, K, s, mid in cases:
+    x = torch.randn(B, M, H, W).contiguous(memory_format=torch.channels_last)
+    dw = torch.randn(N, 1, K, K)
+    b = torch.randn(N)
+    if mid:
+        w1 = torch.randn(mid, M, 1, 1) / M ** 0.5
+        w2 = torch.randn(N, mid, 1, 1) / mid ** 0.5
+        y = BF.bsconv_s(x, w1, w2, dw, b, stride=s, padding=K // 2)
+        v = conv(conv(x.double(), w1.double()), w2.double())
+    else:
+        w = torch.randn(N, M, 1, 1) / M ** 0.5
+        sc, sh = torch.rand(N) + 0.5, torch.randn(N)
+        y = BF.bsconv_u(x, w, dw, b, stride=s, padding=K // 2, mid_scale=sc, mid_shift=sh,
+                        mid_activation="relu")
+        v = conv(x.double(), w.double())
+        v = torch.relu(v * sc.double().view(1, -1, 1, 1) + sh.double().view(1, -1, 1, 1))
+    ref = conv(v, dw.double(), b.double(), s, K // 2, groups=N)
+    out += [y, ref, torch.tensor(y.is_contiguous(memory_format=torch.channels_last))]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_stream_store_switch_and_bits(tmp_path: Path) -> None:
+    """A float forward whose channels-last output is at least a core's L2 writes it from
+    scratch rows by streaming stores (simd.h, stream_output; the cpu_stream_threshold op says
+    from how many bytes, -1 never, 0 always); BSCONV_CPU_STREAM_STORES=0/1 forces either. The
+    copies move the same values, so both runs must give the same bits; with the streaming
+    forced on, every output here (a few KB to a few hundred) goes through it, runs that start
+    and end mid-line included, and each must match its float64 reference."""
+    probe = ["-c", "import torch, bsconv_fused; "
+                   "print(torch.ops.bsconv_fused.cpu_stream_threshold())"]
+    assert _run(probe, generic=False, stream_stores=True).stdout.strip() == "0"
+    assert _run(probe, generic=False, stream_stores=False).stdout.strip() == "-1"
+    default = int(_run(probe, generic=False).stdout.strip())
+    l2 = _l2_bytes()
+    assert default == (l2 if l2 else 1 << 20)
+    results = _runs_off_and_on(tmp_path, _STREAMED, "stream_stores")
+    assert len(results[0]) == len(results[1]) == 15
+    for i in range(0, 15, 3):
+        (y0, ref, cl0), (y1, _, cl1) = results[0][i:i + 3], results[1][i:i + 3]
+        assert bool(cl0) and bool(cl1)
+        assert torch.equal(y0, y1)
+        # float32 sums of at most 200 products plus 25 taps, |terms| ~ 1: 1e-4 relative to
+        # the output's scale is ~100x float32 rounding, far below any misplaced value.
+        scale = ref.abs().max().item()
+        assert (y1.double() - ref).abs().max().item() <= 1e-4 * scale

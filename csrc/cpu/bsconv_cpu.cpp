@@ -121,10 +121,18 @@ Operand<acc_t> project_u(const Geometry& g, const Operand<acc_t>& X, int64_t P,
 // with w1; BSConv-S first projects them to u rows with w1 (project_u, only the rows of the
 // current block) and those with w2. The GEMM writes v rows channels-last (channel-major for
 // BSConv-U's NCHW x read in place), they move to B8 slots (with the mid transform), the
-// depthwise writes CL rows or B8 rows that are transposed into NCHW y rows.
+// depthwise writes CL rows or B8 rows that are transposed into NCHW y rows. With `stream_y`
+// (float channels-last y) the depthwise writes a block's output rows to scratch, from which
+// they go to y by streaming stores (stream_output). Written in place, a block's rows of a CL y
+// are filled one 8-channel block of every pixel at a time: half a cache line per store, the
+// other half one sweep later, each line read for ownership and written back (32->64 112x112
+// B=8: 5.5 ms against 3.7 ms for the NCHW y, whose rows the depthwise writes whole). NCHW y
+// rows stay plain stores: streamed through scratch they were 4-5% slower on 112-, 28- and
+// 14-pixel rows; so were bfloat16 CL outputs (converted into scratch, then streamed), by up
+// to 7% (128->22->128 56x56 B=8), none faster.
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
-                    const Weights<acc_t>& w, scalar_t* y) {
+                    const Weights<acc_t>& w, scalar_t* y, bool stream_y) {
   // x and y: channels-last when x_cl / y_cl, else NCHW.
   const Image<scalar_t> src{x, g.M, !x_cl, g.M * g.H * g.W, g.H * g.W};
   const bool S = g.subspace();
@@ -140,6 +148,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
   const int64_t ncp_max = round_up(plan.nc, kLanes), S_ = plan.slots, Wp = cols.Wp_alloc;
   constexpr bool same_out = std::is_same_v<scalar_t, acc_t>;
   constexpr bool bf16_in = std::is_same_v<scalar_t, c10::BFloat16>;
+  stream_y = stream_y && y_cl && same_out;
   TORCH_INTERNAL_ASSERT(w.wbp == nullptr || (x_cl && (!S || w.wbp2 != nullptr)),
                         "bsconv_fused: bfloat16 GEMM operands");
   const int64_t cbs = S_ * Wp * kLanes;  // channel-block stride of the v slots (B8)
@@ -186,7 +195,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
       const int64_t n0 = chunk * plan.nc, ncur = std::min(plan.nc, N - n0);
       const int64_t ncp = round_up(ncur, kLanes);
       const int64_t o_begin = band * plan.band, o_end = std::min(Ho, o_begin + plan.band);
-      const bool direct = y_cl && same_out && ncur == ncp;
+      const bool direct = y_cl && same_out && ncur == ncp && !stream_y;
       ring.reset();
       for (int64_t i0 = o_begin; i0 < o_end; i0 += plan.ob) {
         const int64_t i1 = std::min(o_end, i0 + plan.ob), nrow = i1 - i0;
@@ -274,6 +283,20 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
                               ncp,         w.taps + n0, w.Np,        w.bias + n0, outs.data(),
                               kLanes,      ops,         !y_cl,       ocs,  ncur};
         depthwise_rows(a);
+        if constexpr (same_out) {
+          if (stream_y) {
+            if (ncur == N && ncp == N) {
+              // All channels: the block's rows are one run of y.
+              stream_copy(obuf.get(), y + (b * HoWo + i0 * Wo) * N, nrow * Wo * N);
+            } else {
+              for (int64_t p = 0; p < nrow * Wo; ++p) {
+                stream_copy(obuf.get() + p * ncp, y + (b * HoWo + i0 * Wo + p) * N + n0, ncur);
+              }
+            }
+            stream_fence();
+            continue;
+          }
+        }
         if (same_out && (direct || !y_cl)) continue;
         for (int64_t i = i0; i < i1; ++i) {
           const acc_t* o = outs[i - i0];
@@ -1079,12 +1102,13 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
   const bool x_cl = cl || nchw_x_read_channels_last(g, x);
   const at::Tensor xc =
       standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt, kSlotInput);
+  const bool stream_y = cl && x.scalar_type() == at::kFloat && stream_output(int64_t(y.nbytes()));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "bsconv_forward", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const PackedWeights<scalar_t, acc_t> wt(g, pw1, pw2, dw, bias, scale, shift, false);
         forward_kernel<scalar_t, acc_t>(g, xc.const_data_ptr<scalar_t>(), x_cl, cl, wt.get(),
-                                        y.data_ptr<scalar_t>());
+                                        y.data_ptr<scalar_t>(), stream_y);
       });
   return y;
 }
@@ -1189,5 +1213,8 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   // Whether GEMM operands with rows 4 KiB apart go to the micro-kernel 16 rows at a time
   // (alias_split_enabled: L1 data caches of fewer than 12 ways; BSCONV_CPU_ALIAS_SPLIT=0/1).
   m.def("cpu_alias_split() -> bool", [] { return alias_split_enabled(); });
+  // Output bytes from which a float forward writes its channels-last output by streaming stores
+  // (stream_output: a core's L2 size; -1: never, BSCONV_CPU_STREAM_STORES=0; 0: always, =1).
+  m.def("cpu_stream_threshold() -> int", [] { return stream_store_threshold(); });
 }
 }  // namespace bsconv::cpu
