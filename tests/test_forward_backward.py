@@ -217,15 +217,16 @@ def check_lowp(plo, seed):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("variant", ["u", "s"])
 @pytest.mark.parametrize("B,H,W,N", [(1, 17, 16, 168), (2, 17, 16, 168), (1, 17, 16, 264),
-                                     (3, 10, 9, 168), (2, 5, 6, 168)])
+                                     (3, 10, 9, 168), (2, 5, 6, 168), (2, 82, 81, 168)])
 def test_gemm_projections(dtype, layout, variant, B, H, W, N):
     # More than 64 input channels: the projections and their adjoints run as GEMMs, with N and
     # M' not multiples of the 32-column panels. From 256 pixels per call on weights packed once:
     # one image in bands, or small images in groups; below that (2 x 5 x 6) by the BLAS. A
-    # float32 NCHW x is read channels-last (gx transposed back) or, in the forward, transposed
-    # per block of rows when at most two channel chunks repeat that (2 x 17 x 16 with N = 168
-    # on up to two threads, 1 x 17 x 16 on one; N = 264 has more chunks), or per task of whole
-    # images (3 x 10 x 9: groups; see also test_nchw_whole_image_tasks).
+    # float32 NCHW x is read channels-last (gx transposed back) or, in the forward, per task of
+    # whole images transposed once for all chunks (3 x 10 x 9: groups; 2 x 17 x 16 with N = 168,
+    # two chunks, on up to two threads, 1 x 17 x 16 on one; see also
+    # test_nchw_whole_image_tasks), or read in place by each chunk's GEMM where an image is
+    # larger than the kernels transpose whole (2 x 82 x 81, two chunks on up to two threads).
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     p = make_problem(variant, B=B, M=80, N=N, mid=36, H=H, W=W, padding=1, stride=(1, 2),
                      padding_mode="replicate", mid_activation="relu6", mid_affine=True)

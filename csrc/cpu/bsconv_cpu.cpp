@@ -1059,12 +1059,13 @@ class PackedWeights {
 // BSConv-U with an NCHW float x whose projection runs as a GEMM on packed weights: whether the
 // forward reads a channels-last copy of x, made once per call (y stays NCHW), rather than
 // transpose x inside the kernel. The in-kernel transposes pay for fewer passes over memory:
-// - forward: per block of x rows when at most two chunks repeat them, one image per task
-//   (256->256 28x28 B=8, two chunks, ~8% faster than the copy on the 2-core build machine);
-//   per task of whole images, once for all chunks, where forward_image_tasks_cm takes them
-//   (grouped small images; more chunks with an image per thread: 256->512 28x28 B=8 and
-//   512->512 14x14 B=8, four chunks, 3-12% faster than the copy, ~ the channels-last x's
-//   time); else the copy (per-block transposes repeated by four chunks were ~6% slower).
+// - forward: per task of whole images, once for all chunks, where forward_image_tasks_cm
+//   takes them (grouped small images; two or more chunks with an image per thread: 256->512
+//   28x28 B=8 and 512->512 14x14 B=8, four chunks, 3-12% faster than the copy, ~ the
+//   channels-last x's time); else x rows read in place by each chunk's GEMM where at most two
+//   chunks read them (256->256 28x28 B=8, two chunks, ~8% faster than the copy on the 2-core
+//   build machine, before image tasks took it); else the copy (per-block transposes repeated
+//   by four chunks were ~6% slower).
 // The backward never copies: a task transposes its x rows once for both of its GEMMs (more
 // than kSmallProjK channels; as fast as the copy was, within 1-2%, without its x-sized
 // temporary), or its GEMMs read the channel-major rows (fewer channels: 3-10% faster than the

@@ -429,17 +429,21 @@ inline ForwardPlan forward_plan(const Geometry& g, int64_t acc_size, int64_t thr
 
 // Channel-major float x (NCHW) projected by GEMMs on packed panels, BSConv-U: tasks of whole
 // images that transpose their x once into channels-last scratch and run every channel chunk on
-// it. For grouped small images (nb > 1) always; for one image per task when more than two
-// chunks would each transpose its rows again, as long as every thread gets an image and the
-// image's x fits kImageGatherBytes (else x is copied channels-last before the kernel, see
-// nchw_x_read_channels_last). That copy writes and re-reads a tensor the size of x: in a
-// 256->512 28x28 B=8 forward on two threads, 5.7% of the perf samples were its transpose, and
-// the NCHW forward took 12% longer than the channels-last one in the benchmark.
+// it. For grouped small images (nb > 1) always; for one image per task when two or more chunks
+// would each read its rows again, as long as every thread gets an image and the image's x fits
+// kImageGatherBytes (else, with more than two chunks, x is copied channels-last before the
+// kernel, see nchw_x_read_channels_last). That copy writes and re-reads a tensor the size of
+// x: in a 256->512 28x28 B=8 forward on two threads, 5.7% of the perf samples were its
+// transpose, and the NCHW forward took 12% longer than the channels-last one in the benchmark.
+// Two chunks: against each chunk's GEMM reading the x rows in place (paired A/B on the 2-core
+// Xeon (AMX), bit for bit the same), 256->256 28x28 k3/k5 B=8 and 128->256 28x28 B=8 3-7%
+// faster on two threads, 9-11% on one (128->256: the same); one chunk (x read once either
+// way) was 5-29% slower, so it stays in place.
 constexpr int64_t kImageGatherBytes = 2 << 20;
 inline bool forward_image_tasks_cm(const Geometry& g, const ForwardPlan& p, int64_t threads) {
   if (g.subspace()) return false;
   if (p.nb > 1) return true;
-  return p.chunks > 2 && p.bands == 1 && g.B >= threads &&
+  return p.chunks >= 2 && p.bands == 1 && g.B >= threads &&
          g.H * g.W * g.M * int64_t(sizeof(float)) <= kImageGatherBytes;
 }
 
