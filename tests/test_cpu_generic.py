@@ -75,7 +75,8 @@ def test_avx2_loops_pass_the_parity_tests() -> None:
 # Forward and every gradient, float32, for stride-1 layers the AVX-512 loops take (odd and even
 # widths: pairs of pixels plus a single last one; K = 1..7 for the correlation's unrolled
 # cases, a 9-wide kernel through the generic-K loops, dilation, both layouts, NCHW y from the
-# channel-major store) and one stride-2 layer (AVX2 in both runs), saved for comparison.
+# channel-major store; 7 x 7, 5 x 3 and 3 x 5 kernels at dilation 1 on rows of 16 columns plus
+# 3, 6 and 5 pairs) and one stride-2 layer (AVX2 in both runs), saved for comparison.
 _BITS_SCRIPT = r"""
 import sys, torch, bsconv_fused
 sys.path.insert(0, "tests")
@@ -84,7 +85,9 @@ out = {"isa": torch.ops.bsconv_fused.cpu_isa()}
 cases = [("u", 2, 12, 16, 13, 17, (3, 3), 1, 1), ("u", 1, 8, 24, 9, 32, (5, 5), 1, 1),
          ("s", 2, 16, 40, 11, 14, (3, 3), 1, 1), ("u", 1, 7, 9, 15, 21, (7, 7), 1, 2),
          ("u", 2, 6, 16, 12, 19, (9, 9), 1, 1), ("u", 1, 5, 16, 8, 25, (1, 4), 1, 1),
-         ("u", 2, 9, 24, 12, 12, (2, 6), 1, 1), ("u", 2, 10, 16, 14, 15, (3, 3), 2, 1)]
+         ("u", 2, 9, 24, 12, 12, (2, 6), 1, 1), ("u", 2, 10, 16, 14, 15, (3, 3), 2, 1),
+         ("u", 1, 8, 24, 9, 23, (7, 7), 1, 1), ("u", 2, 6, 16, 10, 13, (5, 3), 1, 1),
+         ("s", 1, 12, 16, 9, 10, (3, 5), 1, 1)]
 for i, (v, B, M, N, H, W, K, s, d) in enumerate(cases):
     for fmt in (torch.contiguous_format, torch.channels_last):
         p = make_problem(v, B=B, M=M, N=N, mid=5, H=H, W=W, K=K, stride=s, dilation=d,
@@ -113,7 +116,7 @@ def test_avx512_loops_equal_avx2_bit_for_bit(tmp_path) -> None:
     assert b["isa"] in ("avx2", "generic")
     if _cpu_has("avx2", "fma", "avx512f", "avx512dq"):
         assert a["isa"] == "avx512"
-    assert a.keys() == b.keys() and len(a) == 17
+    assert a.keys() == b.keys() and len(a) == 23
     for key in a:
         if key == "isa":
             continue
