@@ -251,10 +251,33 @@ torch.save(out, sys.argv[1])
 """
 
 
+_RESIDENT = """
+import torch, bsconv_fused
+resident = torch.ops.bsconv_fused.cpu_pages_resident
+t = torch.empty(16 << 20, dtype=torch.uint8)  # above glibc's initial mmap threshold: mapped
+before = resident(t)
+t.fill_(1)
+print(before, resident(t), resident(t[: 1 << 20]), resident(torch.ones(1000)))
+"""
+
+
+def test_pages_resident() -> None:
+    """A streamed output must already be backed by pages (simd.h, pages_resident): a fresh
+    16 MB block (mmapped by glibc in a new process) is not, until written; written memory and
+    a small heap tensor are. On non-Linux builds the predicate is always False (no
+    streaming)."""
+    r = _run(["-c", _RESIDENT], generic=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    expected = "False True True True" if sys.platform.startswith("linux") else \
+        "False False False False"
+    assert r.stdout.strip() == expected
+
+
 def test_stream_store_switch_and_bits(tmp_path: Path) -> None:
-    """A float forward whose channels-last output is at least a core's L2 writes it from
-    scratch rows by streaming stores (simd.h, stream_output; the cpu_stream_threshold op says
-    from how many bytes, -1 never, 0 always); BSCONV_CPU_STREAM_STORES=0/1 forces either. The
+    """A float forward whose channels-last output is at least a core's L2, on resident pages,
+    writes it from scratch rows by streaming stores (simd.h, stream_output; the
+    cpu_stream_threshold op says from how many bytes, -1 never, 0 always, resident or not);
+    BSCONV_CPU_STREAM_STORES=0/1 forces either. The
     copies move the same values, so both runs must give the same bits; with the streaming
     forced on, every output here (a few KB to a few hundred) goes through it, runs that start
     and end mid-line included, and each must match its float64 reference."""

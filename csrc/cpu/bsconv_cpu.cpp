@@ -1103,7 +1103,8 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
   const bool x_cl = cl || nchw_x_read_channels_last(g, x);
   const at::Tensor xc =
       standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt, kSlotInput);
-  const bool stream_y = cl && x.scalar_type() == at::kFloat && stream_output(int64_t(y.nbytes()));
+  const bool stream_y = cl && x.scalar_type() == at::kFloat &&
+                        stream_output(y.data_ptr(), int64_t(y.nbytes()));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "bsconv_forward", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -1217,5 +1218,9 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   // Output bytes from which a float forward writes its channels-last output by streaming stores
   // (stream_output: a core's L2 size; -1: never, BSCONV_CPU_STREAM_STORES=0; 0: always, =1).
   m.def("cpu_stream_threshold() -> int", [] { return stream_store_threshold(); });
+  // Whether t's memory is backed by resident pages (pages_resident: a streamed output must be).
+  m.def("cpu_pages_resident(Tensor t) -> bool", [](const at::Tensor& t) {
+    return pages_resident(t.const_data_ptr(), int64_t(t.nbytes()));
+  });
 }
 }  // namespace bsconv::cpu

@@ -22,6 +22,9 @@
 #include <type_traits>
 
 #include <unistd.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <c10/util/BFloat16.h>
 
@@ -1336,16 +1339,18 @@ void convert_n(const S* s, D* d, int64_t n) {
 // (read for ownership) and later writes it back: an output that cannot stay in cache costs
 // twice its size in memory traffic. Streaming stores write whole lines without reading them.
 // A float forward's channels-last output rows go through them when the output is at least the
-// size of a core's L2 (it leaves the writer's caches anyway); smaller outputs keep plain
-// stores, which leave them in cache for whatever reads them next (streamed, the CIFAR layers'
-// 0.1-0.5 MB outputs took 8-22% longer in a tight loop). Paired A/B in one process on the
-// 2-core Xeon (AMX) host, channels-last forward, results bit for bit the same: two threads,
-// 32->64 112x112 B=8 5.4 -> 3.8 ms, 128->22->128 56x56 B=8 2.9 -> 2.4 ms, 512->86->512
-// 14x14 B=8 2.1 -> 1.5 ms, 512->512 14x14 B=8 3.2 -> 2.8 ms, 256->256 28x28 k5 B=8 3.6 ->
-// 3.4 ms; one thread 11-34% on the same layers; 1024->1024 7x7 B=8 (1.6 MB) unchanged.
+// size of a core's L2 (it leaves the writer's caches anyway) and its pages are resident (see
+// pages_resident); smaller outputs keep plain stores, which leave them in cache for whatever
+// reads them next (streamed, the CIFAR layers' 0.1-0.5 MB outputs took 8-22% longer in a
+// tight loop). Paired A/B in one process on the 2-core Xeon (AMX) host, channels-last forward,
+// results bit for bit the same: two threads, 32->64 112x112 B=8 5.4 -> 3.8 ms, 128->22->128
+// 56x56 B=8 2.9 -> 2.4 ms, 512->86->512 14x14 B=8 2.1 -> 1.5 ms, 512->512 14x14 B=8 3.2 ->
+// 2.8 ms, 256->256 28x28 k5 B=8 3.6 -> 3.4 ms; one thread 11-34% on the same layers;
+// 1024->1024 7x7 B=8 (1.6 MB) unchanged.
 
-// Output bytes from which the forward streams its output: the L2 size of a core (1 MiB when
-// the C library does not say), or BSCONV_CPU_STREAM_STORES=0 (never) / =1 (always).
+// Output bytes from which the forward streams its output (on resident pages, see
+// stream_output): the L2 size of a core (1 MiB when the C library does not say), or
+// BSCONV_CPU_STREAM_STORES=0 (never) / =1 (always, resident or not).
 inline int64_t stream_store_threshold() {
   static const int64_t bytes = [] {
     const char* env = std::getenv("BSCONV_CPU_STREAM_STORES");
@@ -1358,9 +1363,38 @@ inline int64_t stream_store_threshold() {
   }();
   return bytes;
 }
-inline bool stream_output(int64_t bytes) {
+// Whether the pages of [p, p + bytes) are backed by memory already, judged by the first, the
+// middle and the last page (false where mincore is not available). A fresh mapping (glibc
+// serves large blocks by mmap, or returns trimmed heap memory) is faulted in by the first store
+// to each page, which zeroes the page in cache: plain stores then hit cache, while streaming
+// stores write every line again past it. Paired A/B on the Xeon (AMX) host, two threads, with
+// every output freshly mapped (mmap threshold 1 MiB): streamed 9-33% slower than plain stores
+// (32->64 112x112 B=8, 128->22->128 56x56 B=8, 512->512 14x14 B=8), against 18-30% faster on
+// reused pages.
+inline bool pages_resident(const void* p, int64_t bytes) {
+#if defined(__linux__)
+  if (bytes <= 0) return false;
+  const long page_size = sysconf(_SC_PAGESIZE);
+  if (page_size <= 0) return false;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p);
+  for (uintptr_t a : {first, first + uintptr_t(bytes) / 2, first + uintptr_t(bytes) - 1}) {
+    unsigned char in_core = 0;
+    void* page = reinterpret_cast<void*>(a & ~uintptr_t(page_size - 1));
+    if (mincore(page, size_t(page_size), &in_core) != 0 || (in_core & 1) == 0) return false;
+  }
+  return true;
+#else
+  (void)p, (void)bytes;
+  return false;
+#endif
+}
+
+// Whether an output of `bytes` at p is written by streaming stores: at least the threshold, on
+// pages already backed (BSCONV_CPU_STREAM_STORES=1: always).
+inline bool stream_output(const void* p, int64_t bytes) {
   const int64_t t = stream_store_threshold();
-  return t >= 0 && bytes >= t;
+  if (t < 0 || bytes < t) return false;
+  return t == 0 || pages_resident(p, bytes);
 }
 
 #if BSCONV_X86_AVX2
