@@ -1369,7 +1369,7 @@ inline int64_t stream_store_threshold() {
 // to each page, which zeroes the page in cache: plain stores then hit cache, while streaming
 // stores write every line again past it. Paired A/B on the Xeon (AMX) host, two threads, with
 // every output freshly mapped (mmap threshold 1 MiB): streamed 9-33% slower than plain stores
-// (32->64 112x112 B=8, 128->22->128 56x56 B=8, 512->512 14x14 B=8), against 18-30% faster on
+// (32->64 112x112 B=8, 128->22->128 56x56 B=8, 512->512 14x14 B=8), against 14-33% faster on
 // reused pages.
 inline bool pages_resident(const void* p, int64_t bytes) {
 #if defined(__linux__)
