@@ -82,6 +82,18 @@ def test_measure_one_tiny_layer(tmp_path: Path, capsys: pytest.CaptureFixture[st
     rows = [line for line in text.splitlines() if line.startswith("| cifar-u3.c64 |")]
     assert [r.split(" | ")[2] for r in rows] == ["fwd", "fwdbwd"]
     assert "cases whose bound is below 0.9x" in text
+    assert "- fwdbwd with the autograd round trip of a 4-leaf eager op" in text
+
+
+def test_floor_bound_adds_the_call_floor() -> None:
+    rows = [{"mode": "fwdbwd", "best_eager_ms": 2.0, "gemms_ms": 0.5},
+            {"mode": "fwdbwd", "best_eager_ms": 0.3, "gemms_ms": 0.05},
+            {"mode": "fwd", "best_eager_ms": 9.0, "gemms_ms": 1.0}]
+    # (2 / 0.55 * 0.3 / 0.1) ** 0.5: the forward row does not count.
+    assert bounds.floor_bound(rows, 0.05) == pytest.approx((2 / 0.55 * 3.0) ** 0.5)
+    assert bounds.floor_bound(rows, 0.0) == pytest.approx((4.0 * 6.0) ** 0.5)
+    floor = bounds.call_floor_ms(rounds=3, calls=20)
+    assert 0.0 < floor < 50.0  # milliseconds: a round trip, not a hang
 
 
 @pytest.mark.parametrize("argv", [[], ["x.json", "--measure"], ["--measure", "--batch", "0"],
