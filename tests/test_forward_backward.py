@@ -8,8 +8,17 @@ import random
 
 import pytest
 import torch
-from helpers import (assert_accurate, fused_op_ran, grads, magnitudes, make_problem, max_err,
-                     num_threads)
+from helpers import (
+    assert_accurate,
+    fused_op_ran,
+    grads,
+    magnitudes,
+    make_problem,
+    max_err,
+    num_threads,
+)
+
+from bsconv_fused import functional as BF
 
 torch.manual_seed(0)
 
@@ -122,8 +131,9 @@ def test_float32_1024_channels(layout, B, H, W):
     """1024 channels in and out: the GEMM operands whose rows are 4 KiB apart (channels-last x,
     the recomputed v and gv, the weights; on CPUs with L1 caches of fewer than 12 ways they go
     to the micro-kernel 16 rows at a time, gemm.h kAliasRows, and test_cpu_generic.py checks
-    that the other setting gives the same bits); 2 x 12 x 11 pixels (>= 256: packed weights) are tasks of rows that are not
-    multiples of 16. One 7x7 image: the NCHW forward projects its 49 pixels on the BLAS.
+    that the other setting gives the same bits); 2 x 12 x 11 pixels (>= 256: packed weights)
+    are tasks of rows that are not multiples of 16. One 7x7 image: the NCHW forward projects
+    its 49 pixels on the BLAS.
     Forward and every gradient against float64, as check_lowp bounds them."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     p = make_problem("u", B=B, M=1024, N=1024, H=H, W=W, padding=1, seed=5)
@@ -187,6 +197,61 @@ def test_bfloat16_forward_is_the_float32_one_rounded(layout, variant, M, N, H, W
         assert (b == f).double().mean() > 0.5  # mostly the very same bits
     else:
         assert torch.equal(yb.view(torch.int16)[~nan], yf.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bfloat16_output_rounding_bit_for_bit(layout):
+    """An identity projection (exact: x plus exact zeros) and a 1 x 2 depthwise kernel of ones
+    make y[j] = x[j] + x[j + 1], one float sum rounded once, so the bfloat16 y must be torch's
+    rounding of that same float sum, bit for bit, whichever conversion loop ran (AVX-512, AVX2
+    or the element loop; test_cpu_generic runs this file again without AVX-512). The pairs
+    (even j) pick each case of round to nearest even: exact ties (half a bfloat16 step of
+    x[j]) to the even neighbour either way, just above and below a tie, a carry into the
+    exponent, sums in float's denormal range (kept, where vcvtneps2bf16 would flush them to
+    zero), overflow to infinity; a NaN bias channel. 48 channels (channels-last runs of whole
+    pixels) on output rows of 13 pixels (NCHW rows ending in a partial 16-lane block)."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(11)
+    B, C, H, W = 2, 48, 5, 14
+    shape = (B, C, H, W // 2)
+    sign = (torch.randint(0, 2, shape, generator=g) * 2 - 1).float()
+    frac = 1 + torch.randint(0, 128, shape, generator=g).float() / 128  # 8 significant bits
+    p2 = torch.pow(2.0, torch.randint(-100, 100, shape, generator=g).float())
+    a = sign * frac * p2
+    half = p2 * 2.0 ** -8  # half a bfloat16 step of a
+    kind = torch.randint(0, 6, shape, generator=g)
+    b = torch.where(kind == 0, half, -half)                      # ties, up and down
+    b = torch.where(kind == 2, half * (1 + 2.0 ** -7), b)        # just above a tie
+    b = torch.where(kind == 3, -half * (1 - 2.0 ** -7), b)       # just below a tie
+    carry = kind == 4                                            # 1.1111111b + half a step
+    a = torch.where(carry, sign * (2 - 2.0 ** -7) * p2, a)
+    b = torch.where(carry, sign * half, b)
+    tiny = kind == 5  # ~2^-125 minus 2^-125: a float denormal
+    a = torch.where(tiny, sign * frac * 2.0 ** -125, a)
+    b = torch.where(tiny, -sign * 2.0 ** -125, b)
+    big = torch.finfo(torch.bfloat16).max
+    a[0, :, 0, 0], b[0, :, 0, 0] = big, big  # overflows to infinity
+    x = torch.stack([a, b], -1).view(B, C, H, W)
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(xb.float(), x)  # every value exact in bfloat16
+    w = torch.eye(C).view(C, C, 1, 1).to(torch.bfloat16)
+    dw = torch.ones(C, 1, 1, 2, dtype=torch.bfloat16)
+    bias = torch.zeros(C, dtype=torch.bfloat16)
+    bias[5] = float("nan")
+    with torch.no_grad():
+        y = BF.bsconv_u(xb.contiguous(memory_format=fmt), w, dw, bias)
+    ref = (x[..., :-1] + x[..., 1:] + bias.float().view(1, C, 1, 1)).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=fmt)
+    assert y.shape == ref.shape == (B, C, H, W - 1)
+    tiny_out = (ref.float().abs() < 2.0 ** -126) & (ref != 0)
+    assert ref.isinf().any() and tiny_out.any()
+    # NaN: c10's scalar conversion gives 0x7FC0 (torch's vector conversion of the reference
+    # keeps other NaN bits), so the NaNs are compared as NaNs, everything else bit for bit.
+    nan = ref.isnan()
+    assert nan[:, 5].all() and nan.sum() == B * H * (W - 1)
+    assert torch.equal(y.isnan(), nan)
+    assert bool((y.view(torch.int16)[nan] == 0x7FC0).all())
+    assert torch.equal(y.view(torch.int16)[~nan], ref.view(torch.int16)[~nan])
 
 
 def check_lowp(plo, seed):
