@@ -51,7 +51,7 @@ enum ScratchSlot : int {
   kSlotFwdVt = 0, kSlotFwdV, kSlotFwdZero, kSlotFwdOut, kSlotFwdX, kSlotFwdU, kSlotFwdVg,
   kSlotBwdU, kSlotBwdPartials, kSlotBwdV, kSlotBwdA, kSlotBwdGvb, kSlotBwdGc, kSlotBwdGu,
   kSlotBwdGy, kSlotBwdX, kSlotBwdGx, kSlotBwdGb, kSlotBwdDsc, kSlotBwdDsh, kSlotWeights,
-  kSlotWeightsBf16, kSlotFwdUb,
+  kSlotWeightsBf16, kSlotFwdUb, kSlotFwdXb,
   kSlotInput, kSlotGradOut,  // the calling thread's standard-layout copies of x and grad_y
   kNumSlots
 };
