@@ -126,13 +126,13 @@ Operand<acc_t> project_u(const Geometry& g, const Operand<acc_t>& X, int64_t P,
 // they go to y by streaming stores (stream_output). Written in place, a block's rows of a CL y
 // are filled one 8-channel block of every pixel at a time: half a cache line per store, the
 // other half one sweep later, each line read for ownership and written back (32->64 112x112
-// B=8: 5.5 ms against 3.7 ms for the NCHW y, whose rows the depthwise writes whole). Float
-// NCHW y rows stay plain stores: streamed through scratch they were 4-5% slower on 112-, 28-
-// and 14-pixel rows. bfloat16 y is always converted from scratch rows: NCHW y (with
-// `stream_y`) by streaming stores straight from the conversion, per channel a run of the
-// block's rows (paired A/B, two threads: 32->64 112x112 B=8 3.4 -> 2.96 ms, 128->22->128 56x56
-// B=8 2.5 -> 2.07 ms, 512->512 14x14 B=8 unchanged); CL y by plain stores (streamed, neutral
-// to 4% slower).
+// B=8: 5.5 ms against 3.7 ms for the NCHW y, whose rows the depthwise writes whole). NCHW y
+// rows stay plain stores: streamed through scratch they were 4-5% slower on 112-, 28- and
+// 14-pixel rows. bfloat16 y stays on plain stores too. Channels-last, streamed through
+// scratch: up to 7% slower (128->22->128 56x56 B=8). NCHW, rounded straight into streaming
+// stores per channel run of the block's rows: 12-16% faster in a loop of one layer whose y
+// stays in the (large) L3, but 12-16% slower in the benchmark's round-robin (32->64 112x112
+// B=8 3.9 -> 4.4 ms, 128->22->128 56x56 B=8 2.7 -> 3.2 ms).
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
                     const Weights<acc_t>& w, scalar_t* y, bool stream_y) {
@@ -151,8 +151,6 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
   const int64_t ncp_max = round_up(plan.nc, kLanes), S_ = plan.slots, Wp = cols.Wp_alloc;
   constexpr bool same_out = std::is_same_v<scalar_t, acc_t>;
   constexpr bool bf16_in = std::is_same_v<scalar_t, c10::BFloat16>;
-  // bfloat16 NCHW y: converted from channel-major scratch by streaming stores.
-  const bool stream_h = stream_y && !y_cl && std::is_same_v<scalar_t, c10::BFloat16>;
   stream_y = stream_y && y_cl && same_out;
   TORCH_INTERNAL_ASSERT(w.wbp == nullptr || !S || w.wbp2 != nullptr,
                         "bsconv_fused: bfloat16 GEMM operands");
@@ -289,16 +287,13 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
             outs[i - i0] = reinterpret_cast<acc_t*>(y + (b * HoWo + i * Wo) * N + n0);
           } else if (!y_cl && same_out) {
             outs[i - i0] = reinterpret_cast<acc_t*>(y + ((b * N + n0) * Ho + i) * Wo);
-          } else if (stream_h) {
-            // Channel-major block: each channel's rows [i0, i1) as one run, like y's.
-            outs[i - i0] = obuf.get() + (i - i0) * Wo;
           } else {
             outs[i - i0] = obuf.get() + (i - i0) * Wo * ncp;
           }
         }
         // Output rows: CL (y itself, or a CL buffer), or NCHW rows (y itself, or a buffer).
         const int64_t ops = direct ? N : ncp;
-        const int64_t ocs = same_out ? HoWo : stream_h ? nrow * Wo : Wo;
+        const int64_t ocs = same_out ? HoWo : Wo;
         const DwArgs<acc_t> a{nrow,        rowp.data(), rcbs.data(), g.Kh, g.Kw, g.sw, g.dw, Wo,
                               ncp,         w.taps + n0, w.Np,        w.bias + n0, outs.data(),
                               kLanes,      ops,         !y_cl,       ocs,  ncur};
@@ -318,16 +313,6 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
           }
         }
         if (same_out && (direct || !y_cl)) continue;
-        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          if (stream_h) {
-            for (int64_t c = 0; c < ncur; ++c) {
-              convert_stream(obuf.get() + c * nrow * Wo, y + ((b * N + n0 + c) * Ho + i0) * Wo,
-                             nrow * Wo);
-            }
-            stream_fence();
-            continue;
-          }
-        }
         if (y_cl && ncur == N && ncp == N) {
           // All channels: the block's rows are one run of y, converted in one call.
           convert_n(obuf.get(), y + (b * HoWo + i0 * Wo) * N, nrow * Wo * N);
@@ -1147,8 +1132,7 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
   const bool x_cl = cl || nchw_x_read_channels_last(g, x);
   const at::Tensor xc =
       standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt, kSlotInput);
-  const bool stream_y = ((cl && x.scalar_type() == at::kFloat) ||
-                         (!cl && x.scalar_type() == at::kBFloat16)) &&
+  const bool stream_y = cl && x.scalar_type() == at::kFloat &&
                         stream_output(y.data_ptr(), int64_t(y.nbytes()));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "bsconv_forward", [&] {

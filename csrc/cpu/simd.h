@@ -1329,23 +1329,6 @@ BSCONV_AVX512 inline void float_to_bf16_avx512(const float* s, c10::BFloat16* d,
     _mm256_mask_storeu_epi16(d + i, m, bf16x16_avx512(_mm512_maskz_loadu_ps(m, s + i)));
   }
 }
-// The same into [d, d + n), the 64-byte-aligned lines by streaming stores (the partial lines at
-// either end by plain stores). Other threads may read d only after stream_fence().
-BSCONV_AVX512 inline void float_to_bf16_stream_avx512(const float* s, c10::BFloat16* d,
-                                                      int64_t n) {
-  const int64_t misalign = int64_t(reinterpret_cast<uintptr_t>(d) & 63);
-  if (misalign % 2 != 0) return float_to_bf16_avx512(s, d, n);  // not on 16-bit elements
-  const int64_t head = std::min<int64_t>(n, ((64 - misalign) & 63) / 2);
-  float_to_bf16_avx512(s, d, head);
-  int64_t i = head;
-  for (; i + 32 <= n; i += 32) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
-                        bf16x16_avx512(_mm512_loadu_ps(s + i)));
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 16),
-                        bf16x16_avx512(_mm512_loadu_ps(s + i + 16)));
-  }
-  float_to_bf16_avx512(s + i, d + i, n - i);
-}
 
 BSCONV_AVX2 inline void float_to_bf16_rows_avx2(const float* s, int64_t sld, c10::BFloat16* d,
                                                 int64_t dld, int64_t rows, int64_t n) {
@@ -1478,15 +1461,6 @@ void stream_copy(const T* s, T* d, int64_t n) {
   }
 #endif
   std::copy(s, s + n, d);
-}
-
-// d[0, n) = bfloat16(s[0, n)) as convert_n, by streaming stores on CPUs with the AVX-512 loops
-// (a plain conversion otherwise). Other threads may read d only after stream_fence().
-inline void convert_stream(const float* s, c10::BFloat16* d, int64_t n) {
-#if BSCONV_X86_AVX2
-  if (avx512_enabled()) return float_to_bf16_stream_avx512(s, d, n);
-#endif
-  convert_n(s, d, n);
 }
 
 // Orders the streaming stores before any later store of this thread (the end of a parallel
