@@ -207,14 +207,18 @@ def test_alias_split_switch_and_bits(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
-def _l2_bytes() -> int | None:
-    """The L2 size glibc reports (what the extension's sysconf call sees), None if unknown."""
-    try:
-        out = subprocess.run(["getconf", "LEVEL2_CACHE_SIZE"], capture_output=True, text=True,
-                             timeout=30).stdout.strip()
-        return int(out) if int(out) > 0 else None
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
+def _largest_cache_bytes() -> int | None:
+    """The largest of the L2 and L3 sizes glibc reports (what the extension's sysconf calls
+    see), None if it reports neither."""
+    sizes = []
+    for name in ("LEVEL2_CACHE_SIZE", "LEVEL3_CACHE_SIZE"):
+        try:
+            out = subprocess.run(["getconf", name], capture_output=True, text=True,
+                                 timeout=30).stdout.strip()
+            sizes.append(int(out))
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    return max(sizes) if sizes and max(sizes) > 0 else None
 
 
 # Forwards with channels-last y, saved to argv[1] with a float64 reference each: one chunk of
@@ -274,8 +278,8 @@ def test_pages_resident() -> None:
 
 
 def test_stream_store_switch_and_bits(tmp_path: Path) -> None:
-    """A float forward whose channels-last output is at least a core's L2, on resident pages,
-    writes it from scratch rows by streaming stores (simd.h, stream_output; the
+    """A float forward whose channels-last output is at least the last-level cache's size, on
+    resident pages, writes it from scratch rows by streaming stores (simd.h, stream_output; the
     cpu_stream_threshold op says from how many bytes, -1 never, 0 always, resident or not);
     BSCONV_CPU_STREAM_STORES=0/1 forces either. The
     copies move the same values, so both runs must give the same bits; with the streaming
@@ -286,8 +290,8 @@ def test_stream_store_switch_and_bits(tmp_path: Path) -> None:
     assert _run(probe, generic=False, stream_stores=True).stdout.strip() == "0"
     assert _run(probe, generic=False, stream_stores=False).stdout.strip() == "-1"
     default = int(_run(probe, generic=False).stdout.strip())
-    l2 = _l2_bytes()
-    assert default == (l2 if l2 else 1 << 20)
+    llc = _largest_cache_bytes()
+    assert default == (llc if llc else 32 << 20)
     results = _runs_off_and_on(tmp_path, _STREAMED, "stream_stores")
     assert len(results[0]) == len(results[1]) == 15
     for i in range(0, 15, 3):

@@ -1374,27 +1374,37 @@ void convert_n(const S* s, D* d, int64_t n) {
 // (read for ownership) and later writes it back: an output that cannot stay in cache costs
 // twice its size in memory traffic. Streaming stores write whole lines without reading them.
 // A float forward's channels-last output rows go through them when the output is at least the
-// size of a core's L2 (it leaves the writer's caches anyway) and its pages are resident (see
+// size of the last-level cache (it cannot stay in cache anyway) and its pages are resident (see
 // pages_resident); smaller outputs keep plain stores, which leave them in cache for whatever
-// reads them next (streamed, the CIFAR layers' 0.1-0.5 MB outputs took 8-22% longer in a
-// tight loop). Paired A/B in one process on the 2-core Xeon (AMX) host, channels-last forward,
-// results bit for bit the same: two threads, 32->64 112x112 B=8 5.4 -> 3.8 ms, 128->22->128
-// 56x56 B=8 2.9 -> 2.4 ms, 512->86->512 14x14 B=8 2.1 -> 1.5 ms, 512->512 14x14 B=8 3.2 ->
-// 2.8 ms, 256->256 28x28 k5 B=8 3.6 -> 3.4 ms; one thread 11-34% on the same layers;
-// 1024->1024 7x7 B=8 (1.6 MB) unchanged.
+// reads them next. In a loop of one layer, streaming pays from a core's L2 up: paired A/B on
+// the 2-core Xeon (AMX) host, two threads, channels-last forward, 32->64 112x112 B=8 5.4 ->
+// 3.8 ms, 128->22->128 56x56 B=8 2.9 -> 2.4 ms, 512->86->512 14x14 B=8 2.1 -> 1.5 ms (the
+// CIFAR layers' 0.1-0.5 MB outputs 8-22% slower). But a line still cached (dirty) from the
+// memory's previous use must be written back before a streaming store replaces it, and the
+// next reader finds the output in memory rather than in the cache: in the benchmark's
+// round-robin, where other variants' tensors used that memory just before, streaming the
+// outputs from a core's L2 up made every variant slower on the same host with its 480 MiB L3,
+// the fused ones most (32->64 112x112 B=8 channels-last 6.5 -> 9.2 ms, NCHW 5.5 -> 11 ms,
+// the channels-last reference after it 10.8 -> 18.8 ms; medians of two runs each). Hence the
+// last-level cache's size: on CPUs whose caches are small next to their outputs, streaming
+// still saves the read for ownership.
 
 // Output bytes from which the forward streams its output (on resident pages, see
-// stream_output): the L2 size of a core (1 MiB when the C library does not say), or
-// BSCONV_CPU_STREAM_STORES=0 (never) / =1 (always, resident or not).
+// stream_output): the size of the largest cache level the C library reports (L3, else L2;
+// 32 MiB when it reports none), or BSCONV_CPU_STREAM_STORES=0 (never) / =1 (always, resident
+// or not).
 inline int64_t stream_store_threshold() {
   static const int64_t bytes = [] {
     const char* env = std::getenv("BSCONV_CPU_STREAM_STORES");
     if (env != nullptr && env[0] != '\0') return env[0] == '0' ? int64_t(-1) : int64_t(0);
-    int64_t l2 = 0;
+    int64_t llc = 0;
 #ifdef _SC_LEVEL2_CACHE_SIZE
-    l2 = int64_t(sysconf(_SC_LEVEL2_CACHE_SIZE));
+    llc = std::max<int64_t>(llc, int64_t(sysconf(_SC_LEVEL2_CACHE_SIZE)));
 #endif
-    return l2 > 0 ? l2 : int64_t(1) << 20;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    llc = std::max<int64_t>(llc, int64_t(sysconf(_SC_LEVEL3_CACHE_SIZE)));
+#endif
+    return llc > 0 ? llc : int64_t(32) << 20;
   }();
   return bytes;
 }
