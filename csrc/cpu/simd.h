@@ -1302,7 +1302,8 @@ BSCONV_AVX2 inline void float_to_bf16_avx2(const float* s, c10::BFloat16* d, int
 #endif
 
 #if BSCONV_X86_AVX2
-// The same rounding on 16 lanes (AVX-512 F: vpmovdw narrows the 32-bit lanes, each < 2^16).
+// The same rounding on 16 lanes (vpmovdw narrows the 32-bit lanes, each < 2^16; the tail is a
+// masked 16-bit store, AVX-512 BW).
 // Not vcvtneps2bf16 (AVX-512 BF16), which flushes denormal inputs and outputs to zero where
 // c10 rounds them. bfloat16 forward of 32->64 112x112 B=8 channels-last, one thread: the AVX2
 // loop on 64-channel pixel runs was 19% of its time (perf).
@@ -1379,11 +1380,11 @@ void convert_n(const S* s, D* d, int64_t n) {
 // reads them next. In a loop of one layer, streaming pays from a core's L2 up: paired A/B on
 // the 2-core Xeon (AMX) host, two threads, channels-last forward, 32->64 112x112 B=8 5.4 ->
 // 3.8 ms, 128->22->128 56x56 B=8 2.9 -> 2.4 ms, 512->86->512 14x14 B=8 2.1 -> 1.5 ms (the
-// CIFAR layers' 0.1-0.5 MB outputs 8-22% slower). But a line still cached (dirty) from the
-// memory's previous use must be written back before a streaming store replaces it, and the
-// next reader finds the output in memory rather than in the cache: in the benchmark's
-// round-robin, where other variants' tensors used that memory just before, streaming the
-// outputs from a core's L2 up made every variant slower on the same host with its 480 MiB L3,
+// CIFAR layers' 0.1-0.5 MB outputs 8-22% slower). But in the benchmark's round-robin, where
+// other variants' tensors used that memory just before, streaming the outputs from a core's
+// L2 up made every variant slower on the same host with its 480 MiB L3 (the likely cause: a
+// line still cached, dirty, from the memory's previous use is written back before a
+// streaming store replaces it, and the next reader finds the memory uncached),
 // the fused ones most (32->64 112x112 B=8 channels-last 6.5 -> 9.2 ms, NCHW 5.5 -> 11 ms,
 // the channels-last reference after it 10.8 -> 18.8 ms; medians of two runs each). Hence the
 // last-level cache's size: on CPUs whose caches are small next to their outputs, streaming
