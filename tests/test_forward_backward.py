@@ -240,6 +240,7 @@ def test_bfloat16_output_rounding_bit_for_bit(layout):
     bias[5] = float("nan")
     with torch.no_grad():
         y = BF.bsconv_u(xb.contiguous(memory_format=fmt), w, dw, bias)
+        assert fused_op_ran(lambda: BF.bsconv_u(xb.contiguous(memory_format=fmt), w, dw, bias))
     ref = (x[..., :-1] + x[..., 1:] + bias.float().view(1, C, 1, 1)).to(torch.bfloat16)
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=fmt)
     assert y.shape == ref.shape == (B, C, H, W - 1)

@@ -1333,10 +1333,6 @@ BSCONV_AVX512 inline void float_to_bf16_avx512(const float* s, c10::BFloat16* d,
 
 BSCONV_AVX2 inline void float_to_bf16_rows_avx2(const float* s, int64_t sld, c10::BFloat16* d,
                                                 int64_t dld, int64_t rows, int64_t n) {
-  if (avx512_enabled()) {
-    for (int64_t r = 0; r < rows; ++r) float_to_bf16_avx512(s + r * sld, d + r * dld, n);
-    return;
-  }
   for (int64_t r = 0; r < rows; ++r) float_to_bf16_avx2(s + r * sld, d + r * dld, n);
 }
 #endif
@@ -1350,6 +1346,10 @@ template <typename S, typename D>
 void convert_rows(const S* s, int64_t sld, D* d, int64_t dld, int64_t rows, int64_t n) {
 #if BSCONV_X86_AVX2
   if constexpr (std::is_same_v<S, float> && std::is_same_v<D, c10::BFloat16>) {
+    if (avx512_enabled()) {
+      for (int64_t r = 0; r < rows; ++r) float_to_bf16_avx512(s + r * sld, d + r * dld, n);
+      return;
+    }
     if (avx2_enabled()) return float_to_bf16_rows_avx2(s, sld, d, dld, rows, n);
   }
 #endif
