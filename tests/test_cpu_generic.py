@@ -29,7 +29,8 @@ def _cpu_has(*flags: str) -> bool:
 
 def _run(args: list[str], generic: bool, avx512: bool = True, bf16_gemm: bool = True,
          alias_split: bool | None = None,
-         stream_stores: bool | None = None) -> subprocess.CompletedProcess:
+         stream_stores: bool | None = None,
+         dw_cl: bool | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["BSCONV_CPU_GENERIC"] = "1" if generic else "0"
     env["BSCONV_CPU_NO_AVX512"] = "0" if avx512 else "1"
@@ -40,6 +41,9 @@ def _run(args: list[str], generic: bool, avx512: bool = True, bf16_gemm: bool = 
     env.pop("BSCONV_CPU_STREAM_STORES", None)
     if stream_stores is not None:
         env["BSCONV_CPU_STREAM_STORES"] = "1" if stream_stores else "0"
+    env.pop("BSCONV_CPU_NO_DW_CL", None)
+    if dw_cl is not None:
+        env["BSCONV_CPU_NO_DW_CL"] = "0" if dw_cl else "1"
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -302,3 +306,59 @@ def test_stream_store_switch_and_bits(tmp_path: Path) -> None:
         # the output's scale is ~100x float32 rounding, far below any misplaced value.
         scale = ref.abs().max().item()
         assert (y1.double() - ref).abs().max().item() <= 1e-4 * scale
+
+
+# Forward of layers the channels-last (B16) depthwise takes (AVX-512, stride and dilation 1,
+# zero padding, Kw 3 / 5 / 7, channel counts in multiples of 16, no mid transform): tails of
+# R = 2..15 columns after tiles of 16 (NCHW and float channels-last y: one tile of R;
+# bfloat16 channels-last y: tiles of 8, 4, 2 and 1, each of them here), Kh != Kw, asymmetric and no padding, two channel chunks (160 = 128 +
+# 32), small images grouped per task, NCHW x projected channel-major (U) and through u (S),
+# float32 and bfloat16, both layouts; calls of at least 256 pixels (fewer, and small
+# projections of NCHW x run proj_b8's B8 register tiles). Saves per case the output, the
+# float64 reference and how many forwards took the B16 loops.
+_DW_CL = r"""
+import sys, torch, bsconv_fused
+sys.path.insert(0, "tests")
+from helpers import make_problem
+out = []
+cases = [("u", 2, 12, 16, 9, 37, (3, 3), 1), ("u", 1, 24, 48, 9, 31, (5, 5), 2),
+         ("u", 8, 20, 32, 6, 6, (7, 7), 3), ("u", 1, 40, 160, 12, 23, (3, 5), (1, 2)),
+         ("u", 1, 64, 64, 12, 40, (3, 3), 1), ("s", 2, 32, 32, 11, 18, (5, 3), (2, 1)),
+         ("u", 2, 48, 32, 8, 19, (3, 7), (0, 0)), ("u", 1, 32, 16, 5, 62, (1, 3), (0, 1))]
+ops = torch.ops.bsconv_fused
+for i, (v, B, M, N, H, W, K, pad) in enumerate(cases):
+    for dtype in (torch.float32, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            p = make_problem(v, B=B, M=M, N=N, mid=8, H=H, W=W, K=K, padding=pad, seed=i)
+            ref = p.reference().detach()
+            q = p.cast(dtype, fmt)
+            before = ops.cpu_depthwise_cl_forwards()
+            with torch.no_grad():
+                y = q.fused()
+            taken = ops.cpu_depthwise_cl_forwards() - before
+            out += [y, ref, torch.tensor(taken)]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_channels_last_depthwise_switch_and_bits(tmp_path: Path) -> None:
+    """BSCONV_CPU_NO_DW_CL=1 keeps the B8 depthwise loops; on an AVX-512 CPU the default runs
+    the B16 ones for these layers (cpu_depthwise_cl_forwards counts them). Both sum each
+    output's terms in the same order and round bfloat16 outputs the same way, so the two runs
+    must give the same bits; and the float32 outputs must match their float64 references."""
+    results = _runs_off_and_on(tmp_path, _DW_CL, "dw_cl")
+    n = 8 * 2 * 2
+    assert len(results[0]) == len(results[1]) == 3 * n
+    avx512 = _cpu_has("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl")
+    for k in range(n):
+        y0, ref, taken0 = results[0][3 * k:3 * k + 3]
+        y1, _, taken1 = results[1][3 * k:3 * k + 3]
+        assert int(taken0) == 0, k
+        assert int(taken1) == (1 if avx512 else 0), k
+        assert y1.shape == ref.shape
+        assert torch.equal(y0, y1), k
+        if y1.dtype == torch.float32:
+            # float32 sums of at most 64 products plus 25 taps, |terms| ~ 1: 1e-4 relative to
+            # the output's scale is ~100x float32 rounding, far below any misplaced value.
+            scale = ref.abs().max().item()
+            assert (y1.double() - ref).abs().max().item() <= 1e-4 * scale, k

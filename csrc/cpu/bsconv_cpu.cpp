@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,10 @@
 
 namespace bsconv::cpu {
 namespace {
+
+// Forward calls (this process) whose depthwise ran on the channels-last B16 loops: the tests'
+// evidence that a case took them (cpu_depthwise_cl_forwards).
+std::atomic<int64_t> dw_cl_forwards{0};
 
 // ---------------------------------------------------------------------------------------------
 // The v rows a block of output rows reads, kept in a ring of S slots: a row computed for one
@@ -155,6 +160,20 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
   TORCH_INTERNAL_ASSERT(w.wbp == nullptr || !S || w.wbp2 != nullptr,
                         "bsconv_fused: bfloat16 GEMM operands");
   const int64_t cbs = S_ * Wp * kLanes;  // channel-block stride of the v slots (B8)
+  // B16 v slots read by the channels-last depthwise (depthwise_rows_cl, AVX-512; simd.h):
+  // stride and dilation 1, zero padding, no mid transform, every chunk in whole 16-channel
+  // vectors, projections by GEMM (not proj_b8's B8 register tiles). A slot then holds blocks
+  // of 16 channels, each Wp padded pixels of 16 lanes (B16), the padding columns zero.
+  constexpr bool cl_out_type =
+      std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+  const bool dw_cl = std::is_same_v<acc_t, float> && depthwise_cl_enabled() &&
+                     dw_cl_shape(g.sh, g.sw, g.dh, g.dw, g.Kh, g.Kw) && g.mode == kZeros &&
+                     !g.has_mid() && N % 16 == 0 && plan.nc % 16 == 0 && w.wpt == nullptr &&
+                     (y_cl || cl_out_type);
+  // Its outputs straight into y (float or bfloat16; NCHW y by register transposes), else
+  // into obuf (streamed or converted channels-last y).
+  const bool dw_cl_direct = dw_cl && cl_out_type && !(y_cl && stream_y);
+  if (dw_cl) dw_cl_forwards.fetch_add(1, std::memory_order_relaxed);
 
   // Tasks of whole images (plan.nb each): grouped small images, or channel-major float x that
   // each task transposes once for all chunks (forward_image_tasks_cm).
@@ -168,7 +187,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
   run_workers(tasks, threads, [&](auto next) {
     const Bf16GemmScope bf16_scope(w.wbp != nullptr);
     Scratch<acc_t> Vt(kSlotFwdVt, S_ * W * ncp_max, false), V(kSlotFwdV, S_ * Wp * ncp_max);
-    Scratch<acc_t> zero_row(kSlotFwdZero, Wp * kLanes);
+    Scratch<acc_t> zero_row(kSlotFwdZero, Wp * (dw_cl ? ncp_max : kLanes));
     Scratch<acc_t> obuf(kSlotFwdOut, plan.ob * Wo * ncp_max, false);
     // Tasks of whole images project them at once: x gathered unless in place, u and v for all
     // pixels of the task.
@@ -196,6 +215,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
     std::vector<int64_t> rcbs(plan.ob * g.Kh);
     std::vector<const acc_t*> rowp(plan.ob * g.Kh);
     std::vector<acc_t*> outs(plan.ob);
+    std::vector<scalar_t*> outs_y(plan.ob);
     // One image, one chunk, one band. vpre: the image's v (CL rows of ncp channels) when the
     // group's GEMM computed it already.
     auto run_band = [&](int64_t b, int64_t chunk, int64_t band, const acc_t* vpre) {
@@ -206,8 +226,31 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
       ring.reset();
       for (int64_t i0 = o_begin; i0 < o_end; i0 += plan.ob) {
         const int64_t i1 = std::min(o_end, i0 + plan.ob), nrow = i1 - i0;
-        // CL v rows [ra, rb) (v: row ra) into their B8 slots, through the mid transform.
+        // Slot of image row r: B16 (dw_cl) or B8.
+        auto slot = [&](int64_t r) {
+          return V.get() + ring.row2slot[r] * Wp * (dw_cl ? ncp : kLanes);
+        };
+        // dw_cl: a slot's zero padding columns around its image pixels.
+        const int64_t cbs16 = Wp * 16;  // channel-block stride of a B16 slot
+        auto pad_slot = [&](acc_t* row) {
+          for (int64_t c = 0; c < ncp; c += 16) {
+            acc_t* blk = row + (c / 16) * cbs16;
+            std::memset(blk, 0, size_t(g.pl * 16) * sizeof(acc_t));
+            std::memset(blk + (g.pl + W) * 16, 0,
+                        size_t((cols.Wp - g.pl - W) * 16) * sizeof(acc_t));
+          }
+        };
+        // CL v rows [ra, rb) (v: row ra) into their B16 slots, or their B8 slots through the
+        // mid transform.
         auto to_slots = [&](const acc_t* v, int64_t ra, int64_t rb) {
+          if (dw_cl) {
+            for (int64_t r = ra; r < rb; ++r) {
+              acc_t* row = slot(r);
+              pad_slot(row);
+              cl_to_b16(v + (r - ra) * W * ncp, ncp, W, ncp, row + g.pl * 16, cbs16);
+            }
+            return;
+          }
           for (int64_t r = ra; r < rb; ++r) {
             acc_t* row = V.get() + ring.row2slot[r] * Wp * kLanes;
             cl_to_b8(v + (r - ra) * W * ncp, ncp, W, ncp, row + g.pl * kLanes, cbs,
@@ -265,7 +308,15 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
                      P);
               }
               for (int64_t r = ra; r < rb; ++r) {
-                acc_t* row = V.get() + ring.row2slot[r] * Wp * kLanes;
+                acc_t* row = slot(r);
+                if (dw_cl) {
+                  pad_slot(row);
+                  for (int64_t c = 0; c < ncp; c += 16) {
+                    transpose(int64_t(16), W, Vt.get() + c * P + (r - ra) * W, P,
+                              row + (c / 16) * cbs16 + g.pl * 16, int64_t(16));
+                  }
+                  continue;
+                }
                 cm_to_b8(Vt.get() + (r - ra) * W, P, W, ncur, row + g.pl * kLanes, cbs,
                          g.has_mid(), w.scale + n0, w.shift + n0, g.act);
                 cols.fill(g, row, cbs, ncp);
@@ -280,10 +331,15 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
           for (int64_t kh = 0; kh < g.Kh; ++kh) {
             const int64_t r = remap_index(i * g.sh - g.pt + kh * g.dh, H, g.mode);
             const int64_t at = (i - i0) * g.Kh + kh;
-            rowp[at] = r < 0 ? zero_row.get() : V.get() + ring.row2slot[r] * Wp * kLanes;
-            rcbs[at] = r < 0 ? 0 : cbs;
+            rowp[at] = r < 0 ? zero_row.get() : slot(r);
+            rcbs[at] = r < 0 ? 0 : dw_cl ? Wp * 16 : cbs;
           }
-          if (direct) {
+          if (dw_cl_direct) {
+            outs_y[i - i0] = y_cl ? y + (b * HoWo + i * Wo) * N + n0
+                                  : y + ((b * N + n0) * Ho + i) * Wo;
+          } else if (dw_cl) {
+            outs[i - i0] = obuf.get() + (i - i0) * Wo * ncp;
+          } else if (direct) {
             outs[i - i0] = reinterpret_cast<acc_t*>(y + (b * HoWo + i * Wo) * N + n0);
           } else if (!y_cl && same_out) {
             outs[i - i0] = reinterpret_cast<acc_t*>(y + ((b * N + n0) * Ho + i) * Wo);
@@ -291,13 +347,34 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
             outs[i - i0] = obuf.get() + (i - i0) * Wo * ncp;
           }
         }
-        // Output rows: CL (y itself, or a CL buffer), or NCHW rows (y itself, or a buffer).
-        const int64_t ops = direct ? N : ncp;
-        const int64_t ocs = same_out ? HoWo : Wo;
-        const DwArgs<acc_t> a{nrow,        rowp.data(), rcbs.data(), g.Kh, g.Kw, g.sw, g.dw, Wo,
-                              ncp,         w.taps + n0, w.Np,        w.bias + n0, outs.data(),
-                              kLanes,      ops,         !y_cl,       ocs,  ncur};
-        depthwise_rows(a);
+        bool stored = false;  // the block's outputs are in y
+        if (dw_cl) {
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if constexpr (cl_out_type) {
+              if (dw_cl_direct) {
+                depthwise_rows_cl(DwClArgs<scalar_t>{nrow, rowp.data(), rcbs.data(), g.Kh, g.Kw,
+                                                     Wo, ncp, w.taps + n0, w.Np, w.bias + n0,
+                                                     outs_y.data(), N, !y_cl, HoWo});
+                stored = true;
+              }
+            }
+            if (!stored) {
+              // Channels-last y through obuf: streamed or converted below.
+              depthwise_rows_cl(DwClArgs<acc_t>{nrow, rowp.data(), rcbs.data(), g.Kh, g.Kw, Wo,
+                                                ncp, w.taps + n0, w.Np, w.bias + n0, outs.data(),
+                                                ncp, false, 0});
+            }
+          }
+        } else {
+          // Output rows: CL (y itself, or a CL buffer), or NCHW rows (y itself, or a buffer).
+          const int64_t ops = direct ? N : ncp;
+          const int64_t ocs = same_out ? HoWo : Wo;
+          const DwArgs<acc_t> a{nrow,   rowp.data(), rcbs.data(), g.Kh, g.Kw, g.sw, g.dw, Wo,
+                                ncp,    w.taps + n0, w.Np,        w.bias + n0, outs.data(),
+                                kLanes, ops,         !y_cl,       ocs,  ncur};
+          depthwise_rows(a);
+        }
+        if (stored) continue;
         if constexpr (same_out) {
           if (stream_y) {
             if (ncur == N && ncp == N) {
@@ -1244,6 +1321,10 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   // Whether GEMM operands with rows 4 KiB apart go to the micro-kernel 16 rows at a time
   // (alias_split_enabled: L1 data caches of fewer than 12 ways; BSCONV_CPU_ALIAS_SPLIT=0/1).
   m.def("cpu_alias_split() -> bool", [] { return alias_split_enabled(); });
+  // Forward calls so far whose depthwise ran on channels-last (B16) v rows (depthwise_rows_cl:
+  // AVX-512, stride and dilation 1, zero padding, 16-channel multiples, no mid transform;
+  // BSCONV_CPU_NO_DW_CL=1 turns it off).
+  m.def("cpu_depthwise_cl_forwards() -> int", [] { return dw_cl_forwards.load(); });
   // Output bytes from which a float forward writes its channels-last output by streaming stores
   // (stream_output: a core's L2 size; -1: never, BSCONV_CPU_STREAM_STORES=0; 0: always, =1).
   m.def("cpu_stream_threshold() -> int", [] { return stream_store_threshold(); });

@@ -89,6 +89,18 @@ inline bool avx512_enabled() {
   return on;
 }
 
+// True when the forward's depthwise may run on channels-last v rows (depthwise_rows_cl):
+// avx512_enabled() and BSCONV_CPU_NO_DW_CL not set to a non-zero value (which keeps the B8
+// loops; the results are the same bit for bit).
+inline bool depthwise_cl_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("BSCONV_CPU_NO_DW_CL");
+    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    return avx512_enabled();
+  }();
+  return on;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Argument blocks.
 
@@ -1336,6 +1348,245 @@ BSCONV_AVX2 inline void float_to_bf16_rows_avx2(const float* s, int64_t sld, c10
   for (int64_t r = 0; r < rows; ++r) float_to_bf16_avx2(s + r * sld, d + r * dld, n);
 }
 #endif
+
+// --- forward depthwise on B16 rows (AVX-512) ---
+//
+// Stride and dilation 1, Kw 3, 5 or 7, channel counts in whole 16-lane vectors. The v rows are
+// blocks of 16 channels (B16: each block a [pixel][16] array, filled by whole-vector copies of
+// the GEMM's channels-last rows), and a tile of U output columns of one 16-channel vector keeps
+// its accumulators and one kernel row's taps in registers while each v pixel of the row is
+// loaded once for the Kw taps that read it (a sliding window: Kh * (U + Kw - 1) aligned loads
+// for Kh * Kw * U multiply-adds, against one load per multiply-add in the B8 loops, half of
+// them split across cache lines). Each output sums its terms in the B8 loops' order (bias,
+// then kh, then kw), so the results are the same bit for bit; bfloat16 outputs are rounded in
+// registers (bf16x16_avx512, c10's rounding) as they are stored, instead of in a second pass.
+// NCHW outputs: the 16 x 16 tile of accumulators is transposed in registers and stored as 16
+// channel rows of U pixels. The order of the tiles follows the stores: NCHW and channels-last
+// float outputs go channel vector by channel vector, each over the block's rows (whole-line
+// stores along 16 output rows; with the channel vectors innermost, float 32->64 112x112 B=8
+// NCHW ran twice as long as the B8 loops), channels-last bfloat16 outputs (half a line per
+// store) go tile by tile with the channel vectors innermost, so that a pixel's line is filled
+// at once.
+template <typename O>
+struct DwClArgs {
+  int64_t rows_out;
+  const float* const* rows;  // [rows_out * Kh] padded B16 rows (zero rows: cbs 0)
+  const int64_t* rcbs;       // their channel-block strides
+  int64_t Kh, Kw, Wo;
+  int64_t lanes;  // a multiple of 16
+  const float* taps;  // taps[(kh * Kw + kw) * ts + n]
+  int64_t ts;
+  const float* bias;
+  O* const* outs;  // out_i(j, n) = outs[i][j * ops + n], or with cm_out outs[i][n * ocs + j]
+  int64_t ops;
+  bool cm_out;
+  int64_t ocs;
+};
+
+// Whether depthwise_rows_cl takes a layer's forward: stride, dilation, kernel width.
+inline bool dw_cl_shape(int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t Kh, int64_t Kw) {
+  return sh == 1 && sw == 1 && dh == 1 && dw == 1 && Kh <= kMaxK &&
+         (Kw == 3 || Kw == 5 || Kw == 7);
+}
+
+#if BSCONV_X86_AVX2
+// In-register transpose: r[u] lane n <- r[n] lane u (32-bit interleaves, 64-bit interleaves,
+// then two rounds of 128-bit lane shuffles).
+BSCONV_AVX512 inline __attribute__((always_inline)) void transpose16_avx512(__m512* r) {
+  // (zero-masked forms with all lanes set, as in bf16x16_avx512)
+  const __mmask16 all = 0xFFFF;
+  const __mmask8 all8 = 0xFF;
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_maskz_unpacklo_ps(all, r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_maskz_unpackhi_ps(all, r[2 * i], r[2 * i + 1]);
+  }
+  // u[4g + e], 128-bit lane k: element 4k + e of rows 4g .. 4g + 3.
+  __m512 u[16];
+  for (int g = 0; g < 4; ++g) {
+    const __m512d lo0 = _mm512_castps_pd(t[4 * g]), lo1 = _mm512_castps_pd(t[4 * g + 2]);
+    const __m512d hi0 = _mm512_castps_pd(t[4 * g + 1]), hi1 = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g + 0] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(all8, lo0, lo1));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(all8, lo0, lo1));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(all8, hi0, hi1));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(all8, hi0, hi1));
+  }
+  for (int e = 0; e < 4; ++e) {
+    const __m512 va = _mm512_maskz_shuffle_f32x4(all, u[e], u[4 + e], 0x88);
+    const __m512 vb = _mm512_maskz_shuffle_f32x4(all, u[e], u[4 + e], 0xDD);
+    const __m512 wa = _mm512_maskz_shuffle_f32x4(all, u[8 + e], u[12 + e], 0x88);
+    const __m512 wb = _mm512_maskz_shuffle_f32x4(all, u[8 + e], u[12 + e], 0xDD);
+    r[0 + e] = _mm512_maskz_shuffle_f32x4(all, va, wa, 0x88);
+    r[4 + e] = _mm512_maskz_shuffle_f32x4(all, vb, wb, 0x88);
+    r[8 + e] = _mm512_maskz_shuffle_f32x4(all, va, wa, 0xDD);
+    r[12 + e] = _mm512_maskz_shuffle_f32x4(all, vb, wb, 0xDD);
+  }
+}
+
+template <int KW, int U, typename O>
+BSCONV_AVX512 inline void dwcl_tile_avx512(const DwClArgs<O>& a, const float* const* r,
+                                           int64_t c, __m512 b, O* o, int64_t j) {
+  __m512 acc[U];
+#pragma GCC unroll 16
+  for (int u = 0; u < U; ++u) acc[u] = b;
+  for (int64_t kh = 0; kh < a.Kh; ++kh) {
+    __m512 t[KW];
+    const float* tp = a.taps + kh * KW * a.ts + c;
+#pragma GCC unroll 8
+    for (int k = 0; k < KW; ++k) t[k] = _mm512_loadu_ps(tp + k * a.ts);
+    // (p opaque: else GCC keeps j * 16 + q * 16 for every q in its own register, hoisted
+    // out of the kh loop, and spills them)
+    const float* p = r[kh] + j * 16;
+    asm("" : "+r"(p));
+#pragma GCC unroll 24
+    for (int q = 0; q < U + KW - 1; ++q) {
+      // One load per pixel, held in a register for its Kw multiply-adds (left to itself, GCC
+      // folds the load into each of them: Kw loads per pixel).
+      __m512 v = _mm512_load_ps(p + q * 16);
+      asm("" : "+v"(v));
+#pragma GCC unroll 8
+      for (int k = 0; k < KW; ++k) {
+        const int u = q - k;
+        if (u >= 0 && u < U) acc[u] = _mm512_fmadd_ps(t[k], v, acc[u]);
+      }
+    }
+  }
+  if (a.cm_out) {
+    // Rows u >= U of the 16 x 16 transpose are zeros, and masked off at the stores.
+    __m512 r16[16];
+#pragma GCC unroll 16
+    for (int u = 0; u < 16; ++u) r16[u] = u < U ? acc[u] : _mm512_setzero_ps();
+    transpose16_avx512(r16);
+    const __mmask16 m = __mmask16((1u << U) - 1);
+    O* d = o + c * a.ocs + j;
+#pragma GCC unroll 16
+    for (int n = 0; n < 16; ++n) {
+      if constexpr (std::is_same_v<O, float>) {
+        if constexpr (U == 16) {
+          _mm512_storeu_ps(d + n * a.ocs, r16[n]);
+        } else {
+          _mm512_mask_storeu_ps(d + n * a.ocs, m, r16[n]);
+        }
+      } else {
+        _mm256_mask_storeu_epi16(d + n * a.ocs, m, bf16x16_avx512(r16[n]));
+      }
+    }
+    return;
+  }
+  O* d = o + j * a.ops + c;
+#pragma GCC unroll 16
+  for (int u = 0; u < U; ++u) {
+    if constexpr (std::is_same_v<O, float>) {
+      _mm512_storeu_ps(d + u * a.ops, acc[u]);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + u * a.ops), bf16x16_avx512(acc[u]));
+    }
+  }
+}
+
+// Tiles of U columns from j of every channel vector (all vectors of a tile before the next
+// tile, so that its Kh x (U + Kw - 1) pixels of v stay in L1).
+template <int KW, int U, typename O>
+BSCONV_AVX512 inline void dwcl_tiles_avx512(const DwClArgs<O>& a, const float* const* r,
+                                            const int64_t* rcbs, O* o, int64_t j) {
+  const float* rc[kMaxK];
+  for (int64_t c = 0; c < a.lanes; c += 16) {
+    for (int64_t kh = 0; kh < a.Kh; ++kh) rc[kh] = r[kh] + (c / 16) * rcbs[kh];
+    dwcl_tile_avx512<KW, U>(a, rc, c, _mm512_loadu_ps(a.bias + c), o, j);
+  }
+}
+
+// NCHW outputs: the last R = Wo - j < 16 columns of channel vector c as one tile (a tile
+// costs a whole transpose).
+template <int KW, typename O, int R = 15>
+BSCONV_AVX512 inline void dwcl_tail_cm_avx512(const DwClArgs<O>& a, const float* const* rc,
+                                              int64_t c, __m512 b, O* o, int64_t j) {
+  if constexpr (R >= 1) {
+    if (a.Wo - j == R) return dwcl_tile_avx512<KW, R>(a, rc, c, b, o, j);
+    dwcl_tail_cm_avx512<KW, O, R - 1>(a, rc, c, b, o, j);
+  }
+}
+
+template <int KW, typename O>
+BSCONV_AVX512 inline void dwcl_avx512_k(const DwClArgs<O>& a) {
+  if (a.cm_out || std::is_same_v<O, float>) {
+    // Channel vector by channel vector, its rows in order (see above).
+    const float* rc[kMaxK];
+    for (int64_t c = 0; c < a.lanes; c += 16) {
+      const __m512 b = _mm512_loadu_ps(a.bias + c);
+      for (int64_t i = 0; i < a.rows_out; ++i) {
+        for (int64_t kh = 0; kh < a.Kh; ++kh) {
+          rc[kh] = a.rows[i * a.Kh + kh] + (c / 16) * a.rcbs[i * a.Kh + kh];
+        }
+        O* o = a.outs[i];
+        int64_t j = 0;
+        for (; j + 16 <= a.Wo; j += 16) dwcl_tile_avx512<KW, 16>(a, rc, c, b, o, j);
+        dwcl_tail_cm_avx512<KW>(a, rc, c, b, o, j);
+      }
+    }
+    return;
+  }
+  for (int64_t i = 0; i < a.rows_out; ++i) {
+    const float* const* r = a.rows + i * a.Kh;
+    const int64_t* rcbs = a.rcbs + i * a.Kh;
+    O* o = a.outs[i];
+    // Tiles of 16 columns, then at most one of 8, 4, 2 and 1.
+    int64_t j = 0;
+    for (; j + 16 <= a.Wo; j += 16) dwcl_tiles_avx512<KW, 16>(a, r, rcbs, o, j);
+    if (j + 8 <= a.Wo) dwcl_tiles_avx512<KW, 8>(a, r, rcbs, o, j), j += 8;
+    if (j + 4 <= a.Wo) dwcl_tiles_avx512<KW, 4>(a, r, rcbs, o, j), j += 4;
+    if (j + 2 <= a.Wo) dwcl_tiles_avx512<KW, 2>(a, r, rcbs, o, j), j += 2;
+    if (j < a.Wo) dwcl_tiles_avx512<KW, 1>(a, r, rcbs, o, j);
+  }
+}
+
+template <typename O>
+BSCONV_AVX512 inline void dwcl_avx512(const DwClArgs<O>& a) {
+  switch (a.Kw) {
+    case 3: return dwcl_avx512_k<3>(a);
+    case 5: return dwcl_avx512_k<5>(a);
+    default: return dwcl_avx512_k<7>(a);
+  }
+}
+#endif
+
+// CL -> B16 (blocks of 16 channels, each a [pixel][16] array, block stride dcbs) for `pixels`
+// pixels of `lanes` channels, a multiple of 16.
+#if BSCONV_X86_AVX2
+BSCONV_AVX512 inline void cl_to_b16_avx512(const float* src, int64_t sps, int64_t pixels,
+                                           int64_t lanes, float* dst, int64_t dcbs) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    for (int64_t c = 0; c < lanes; c += 16) {
+      _mm512_store_ps(dst + (c / 16) * dcbs + p * 16, _mm512_loadu_ps(src + p * sps + c));
+    }
+  }
+}
+#endif
+
+template <typename T>
+void cl_to_b16(const T* src, int64_t sps, int64_t pixels, int64_t lanes, T* dst, int64_t dcbs) {
+#if BSCONV_X86_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx512_enabled()) return cl_to_b16_avx512(src, sps, pixels, lanes, dst, dcbs);
+  }
+#endif
+  for (int64_t p = 0; p < pixels; ++p) {
+    for (int64_t c = 0; c < lanes; c += 16) {
+      std::memcpy(dst + (c / 16) * dcbs + p * 16, src + p * sps + c, 16 * sizeof(T));
+    }
+  }
+}
+
+// The channels-last depthwise (see DwClArgs): AVX-512 only; callers check
+// depthwise_cl_enabled() and dw_cl_shape() first.
+template <typename O>
+void depthwise_rows_cl(const DwClArgs<O>& a) {
+#if BSCONV_X86_AVX2
+  return dwcl_avx512(a);
+#else
+  (void)a;
+#endif
+}
 
 template <typename S, typename D>
 void convert_n(const S* s, D* d, int64_t n);
