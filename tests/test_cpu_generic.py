@@ -313,9 +313,10 @@ def test_stream_store_switch_and_bits(tmp_path: Path) -> None:
 # R = 2..15 columns after tiles of 16 (NCHW and float channels-last y: one tile of R;
 # bfloat16 channels-last y: tiles of 8, 4, 2 and 1, each of them here), Kh != Kw, asymmetric and no padding, two channel chunks (160 = 128 +
 # 32), small images grouped per task, NCHW x projected channel-major (U) and through u (S),
-# float32 and bfloat16, both layouts; calls of at least 256 pixels (fewer, and small
-# projections of NCHW x run proj_b8's B8 register tiles). Saves per case the output, the
-# float64 reference and how many forwards took the B16 loops.
+# float32, bfloat16 and float16 (channels-last only: float16 NCHW y stays on the B8 loops),
+# both layouts; calls of at least 256 pixels (fewer, and small projections of NCHW x run
+# proj_b8's B8 register tiles). Saves per case the output, the float64 reference and how many
+# forwards took the B16 loops.
 _DW_CL = r"""
 import sys, torch, bsconv_fused
 sys.path.insert(0, "tests")
@@ -327,7 +328,7 @@ cases = [("u", 2, 12, 16, 9, 37, (3, 3), 1), ("u", 1, 24, 48, 9, 31, (5, 5), 2),
          ("u", 2, 48, 32, 8, 19, (3, 7), (0, 0)), ("u", 1, 32, 16, 5, 62, (1, 3), (0, 1))]
 ops = torch.ops.bsconv_fused
 for i, (v, B, M, N, H, W, K, pad) in enumerate(cases):
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for fmt in (torch.contiguous_format, torch.channels_last):
             p = make_problem(v, B=B, M=M, N=N, mid=8, H=H, W=W, K=K, padding=pad, seed=i)
             ref = p.reference().detach()
@@ -345,18 +346,28 @@ def test_channels_last_depthwise_switch_and_bits(tmp_path: Path) -> None:
     """BSCONV_CPU_NO_DW_CL=1 keeps the B8 depthwise loops; on an AVX-512 CPU the default runs
     the B16 ones for these layers (cpu_depthwise_cl_forwards counts them). Both sum each
     output's terms in the same order and round bfloat16 outputs the same way, so the two runs
-    must give the same bits; and the float32 outputs must match their float64 references."""
+    must give the same bits; and the float32 outputs must match their float64 references. A
+    third run streams the channels-last float32 outputs (BSCONV_CPU_STREAM_STORES=1: from the
+    B16 loops through scratch rows) and must give the same bits too."""
     results = _runs_off_and_on(tmp_path, _DW_CL, "dw_cl")
-    n = 8 * 2 * 2
-    assert len(results[0]) == len(results[1]) == 3 * n
+    path = tmp_path / "dw_cl_streamed.pt"
+    r = _run(["-c", _DW_CL, str(path)], generic=False, dw_cl=True, stream_stores=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results.append(torch.load(path))
+    n = 8 * 3 * 2
+    assert len(results[0]) == len(results[1]) == len(results[2]) == 3 * n
     avx512 = _cpu_has("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl")
     for k in range(n):
         y0, ref, taken0 = results[0][3 * k:3 * k + 3]
         y1, _, taken1 = results[1][3 * k:3 * k + 3]
+        y2, _, taken2 = results[2][3 * k:3 * k + 3]
+        half_nchw = y1.dtype == torch.float16 and not y1.is_contiguous(
+            memory_format=torch.channels_last)
         assert int(taken0) == 0, k
-        assert int(taken1) == (1 if avx512 else 0), k
+        assert int(taken1) == int(taken2) == (1 if avx512 and not half_nchw else 0), k
         assert y1.shape == ref.shape
         assert torch.equal(y0, y1), k
+        assert torch.equal(y0, y2), k
         if y1.dtype == torch.float32:
             # float32 sums of at most 64 products plus 25 taps, |terms| ~ 1: 1e-4 relative to
             # the output's scale is ~100x float32 rounding, far below any misplaced value.
