@@ -311,12 +311,12 @@ def test_stream_store_switch_and_bits(tmp_path: Path) -> None:
 # Forward of layers the channels-last (B16) depthwise takes (AVX-512, stride and dilation 1,
 # zero padding, Kw 3 / 5 / 7, channel counts in multiples of 16, no mid transform): tails of
 # R = 2..15 columns after tiles of 16 (NCHW and float channels-last y: one tile of R;
-# bfloat16 channels-last y: tiles of 8, 4, 2 and 1, each of them here), Kh != Kw, asymmetric and no padding, two channel chunks (160 = 128 +
-# 32), small images grouped per task, NCHW x projected channel-major (U) and through u (S),
-# float32, bfloat16 and float16 (channels-last only: float16 NCHW y stays on the B8 loops),
-# both layouts; calls of at least 256 pixels (fewer, and small projections of NCHW x run
-# proj_b8's B8 register tiles). Saves per case the output, the float64 reference and how many
-# forwards took the B16 loops.
+# bfloat16 channels-last y: tiles of 8, 4, 2 and 1, each of them here), Kh != Kw, asymmetric
+# and no padding, two channel chunks (160 = 128 + 32), small images grouped per task, NCHW x
+# projected channel-major (U) and through u (S), float32, bfloat16 and float16 (channels-last
+# only: float16 NCHW y stays on the B8 loops), both layouts; calls of at least 256 pixels
+# (fewer, and small projections of NCHW x run proj_b8's B8 register tiles). Saves per case the
+# output, the float64 reference and how many forwards took the B16 loops.
 _DW_CL = r"""
 import sys, torch, bsconv_fused
 sys.path.insert(0, "tests")
