@@ -161,7 +161,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
                         "bsconv_fused: bfloat16 GEMM operands");
   const int64_t cbs = S_ * Wp * kLanes;  // channel-block stride of the v slots (B8)
   // B16 v slots read by the channels-last depthwise (depthwise_rows_cl, AVX-512; simd.h):
-  // stride and dilation 1, zero padding, no mid transform, every chunk in whole 16-channel
+  // stride 1 or 2, dilation 1, zero padding, no mid transform, every chunk in whole 16-channel
   // vectors, projections by GEMM (not proj_b8's B8 register tiles). A slot then holds blocks
   // of 16 channels, each Wp padded pixels of 16 lanes (B16), the padding columns zero.
   constexpr bool cl_out_type =
@@ -368,15 +368,15 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
             if constexpr (cl_out_type) {
               if (dw_cl_direct) {
                 depthwise_rows_cl(DwClArgs<scalar_t>{nrow, rowp.data(), rcbs.data(), g.Kh, g.Kw,
-                                                     Wo, ncp, w.taps + n0, w.Np, w.bias + n0,
+                                                     g.sw, Wo, ncp, w.taps + n0, w.Np, w.bias + n0,
                                                      outs_y.data(), N, !y_cl, HoWo});
                 stored = true;
               }
             }
             if (!stored) {
               // Channels-last y through obuf: streamed or converted below.
-              depthwise_rows_cl(DwClArgs<acc_t>{nrow, rowp.data(), rcbs.data(), g.Kh, g.Kw, Wo,
-                                                ncp, w.taps + n0, w.Np, w.bias + n0, outs.data(),
+              depthwise_rows_cl(DwClArgs<acc_t>{nrow, rowp.data(), rcbs.data(), g.Kh, g.Kw, g.sw,
+                                                Wo, ncp, w.taps + n0, w.Np, w.bias + n0, outs.data(),
                                                 ncp, false, 0});
             }
           }
@@ -1337,7 +1337,7 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   // (alias_split_enabled: L1 data caches of fewer than 12 ways; BSCONV_CPU_ALIAS_SPLIT=0/1).
   m.def("cpu_alias_split() -> bool", [] { return alias_split_enabled(); });
   // Forward calls so far whose depthwise ran on channels-last (B16) v rows (depthwise_rows_cl:
-  // AVX-512, stride and dilation 1, zero padding, 16-channel multiples, no mid transform;
+  // AVX-512, stride 1 or 2, dilation 1, zero padding, 16-channel multiples, no mid transform;
   // BSCONV_CPU_NO_DW_CL=1 turns it off).
   m.def("cpu_depthwise_cl_forwards() -> int", [] { return dw_cl_forwards.load(); });
   // Output bytes from which a float forward writes its channels-last output by streaming stores

@@ -1351,13 +1351,13 @@ BSCONV_AVX2 inline void float_to_bf16_rows_avx2(const float* s, int64_t sld, c10
 
 // --- forward depthwise on B16 rows (AVX-512) ---
 //
-// Stride and dilation 1, Kw 3, 5 or 7, channel counts in whole 16-lane vectors. The v rows are
+// Stride 1 or 2, dilation 1, Kw 3, 5 or 7, channel counts in whole 16-lane vectors. The v rows are
 // blocks of 16 channels (B16: each block a [pixel][16] array, filled by whole-vector copies of
 // the GEMM's channels-last rows), and a tile of U output columns of one 16-channel vector keeps
 // its accumulators and one kernel row's taps in registers while each v pixel of the row is
-// loaded once for the Kw taps that read it (a sliding window: Kh * (U + Kw - 1) aligned loads
-// for Kh * Kw * U multiply-adds, against one load per multiply-add in the B8 loops, half of
-// them split across cache lines). Each output sums its terms in the B8 loops' order (bias,
+// loaded once for the Kw taps that read it (a sliding window: Kh * (sw (U - 1) + Kw) aligned
+// loads for Kh * Kw * U multiply-adds, against one load per multiply-add in the B8 loops, half
+// of them split across cache lines; stride 2 ran the AVX2 B8 loop). Each output sums its terms in the B8 loops' order (bias,
 // then kh, then kw), so the results are the same bit for bit; bfloat16 outputs are rounded in
 // registers (bf16x16_avx512, c10's rounding) as they are stored, instead of in a second pass.
 // NCHW outputs: the 16 x 16 tile of accumulators is transposed in registers and stored as 16
@@ -1372,7 +1372,7 @@ struct DwClArgs {
   int64_t rows_out;
   const float* const* rows;  // [rows_out * Kh] padded B16 rows (zero rows: cbs 0)
   const int64_t* rcbs;       // their channel-block strides
-  int64_t Kh, Kw, Wo;
+  int64_t Kh, Kw, sw, Wo;
   int64_t lanes;  // a multiple of 16
   const float* taps;  // taps[(kh * Kw + kw) * ts + n]
   int64_t ts;
@@ -1385,7 +1385,7 @@ struct DwClArgs {
 
 // Whether depthwise_rows_cl takes a layer's forward: stride, dilation, kernel width.
 inline bool dw_cl_shape(int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t Kh, int64_t Kw) {
-  return sh == 1 && sw == 1 && dh == 1 && dw == 1 && Kh <= kMaxK &&
+  return (sh == 1 || sh == 2) && (sw == 1 || sw == 2) && dh == 1 && dw == 1 && Kh <= kMaxK &&
          (Kw == 3 || Kw == 5 || Kw == 7);
 }
 
@@ -1423,7 +1423,7 @@ BSCONV_AVX512 inline __attribute__((always_inline)) void transpose16_avx512(__m5
   }
 }
 
-template <int KW, int U, typename O>
+template <int KW, int SW, int U, typename O>
 BSCONV_AVX512 inline void dwcl_tile_avx512(const DwClArgs<O>& a, const float* const* r,
                                            int64_t c, __m512 b, O* o, int64_t j) {
   __m512 acc[U];
@@ -1436,18 +1436,19 @@ BSCONV_AVX512 inline void dwcl_tile_avx512(const DwClArgs<O>& a, const float* co
     for (int k = 0; k < KW; ++k) t[k] = _mm512_loadu_ps(tp + k * a.ts);
     // (p opaque: else GCC keeps j * 16 + q * 16 for every q in its own register, hoisted
     // out of the kh loop, and spills them)
-    const float* p = r[kh] + j * 16;
+    const float* p = r[kh] + j * SW * 16;
     asm("" : "+r"(p));
-#pragma GCC unroll 24
-    for (int q = 0; q < U + KW - 1; ++q) {
+#pragma GCC unroll 40
+    for (int q = 0; q < SW * (U - 1) + KW; ++q) {
       // One load per pixel, held in a register for its Kw multiply-adds (left to itself, GCC
       // folds the load into each of them: Kw loads per pixel).
       __m512 v = _mm512_load_ps(p + q * 16);
       asm("" : "+v"(v));
 #pragma GCC unroll 8
       for (int k = 0; k < KW; ++k) {
-        const int u = q - k;
-        if (u >= 0 && u < U) acc[u] = _mm512_fmadd_ps(t[k], v, acc[u]);
+        // Output u reads pixel SW * u + k.
+        const int u = (q - k) / SW;
+        if (q >= k && (q - k) % SW == 0 && u < U) acc[u] = _mm512_fmadd_ps(t[k], v, acc[u]);
       }
     }
   }
@@ -1486,28 +1487,28 @@ BSCONV_AVX512 inline void dwcl_tile_avx512(const DwClArgs<O>& a, const float* co
 
 // Tiles of U columns from j of every channel vector (all vectors of a tile before the next
 // tile, so that its Kh x (U + Kw - 1) pixels of v stay in L1).
-template <int KW, int U, typename O>
+template <int KW, int SW, int U, typename O>
 BSCONV_AVX512 inline void dwcl_tiles_avx512(const DwClArgs<O>& a, const float* const* r,
                                             const int64_t* rcbs, O* o, int64_t j) {
   const float* rc[kMaxK];
   for (int64_t c = 0; c < a.lanes; c += 16) {
     for (int64_t kh = 0; kh < a.Kh; ++kh) rc[kh] = r[kh] + (c / 16) * rcbs[kh];
-    dwcl_tile_avx512<KW, U>(a, rc, c, _mm512_loadu_ps(a.bias + c), o, j);
+    dwcl_tile_avx512<KW, SW, U>(a, rc, c, _mm512_loadu_ps(a.bias + c), o, j);
   }
 }
 
 // NCHW outputs: the last R = Wo - j < 16 columns of channel vector c as one tile (a tile
 // costs a whole transpose).
-template <int KW, typename O, int R = 15>
+template <int KW, int SW, typename O, int R = 15>
 BSCONV_AVX512 inline void dwcl_tail_cm_avx512(const DwClArgs<O>& a, const float* const* rc,
                                               int64_t c, __m512 b, O* o, int64_t j) {
   if constexpr (R >= 1) {
-    if (a.Wo - j == R) return dwcl_tile_avx512<KW, R>(a, rc, c, b, o, j);
-    dwcl_tail_cm_avx512<KW, O, R - 1>(a, rc, c, b, o, j);
+    if (a.Wo - j == R) return dwcl_tile_avx512<KW, SW, R>(a, rc, c, b, o, j);
+    dwcl_tail_cm_avx512<KW, SW, O, R - 1>(a, rc, c, b, o, j);
   }
 }
 
-template <int KW, typename O>
+template <int KW, int SW, typename O>
 BSCONV_AVX512 inline void dwcl_avx512_k(const DwClArgs<O>& a) {
   if (a.cm_out || std::is_same_v<O, float>) {
     // Channel vector by channel vector, its rows in order (see above).
@@ -1520,8 +1521,8 @@ BSCONV_AVX512 inline void dwcl_avx512_k(const DwClArgs<O>& a) {
         }
         O* o = a.outs[i];
         int64_t j = 0;
-        for (; j + 16 <= a.Wo; j += 16) dwcl_tile_avx512<KW, 16>(a, rc, c, b, o, j);
-        dwcl_tail_cm_avx512<KW>(a, rc, c, b, o, j);
+        for (; j + 16 <= a.Wo; j += 16) dwcl_tile_avx512<KW, SW, 16>(a, rc, c, b, o, j);
+        dwcl_tail_cm_avx512<KW, SW>(a, rc, c, b, o, j);
       }
     }
     return;
@@ -1532,20 +1533,21 @@ BSCONV_AVX512 inline void dwcl_avx512_k(const DwClArgs<O>& a) {
     O* o = a.outs[i];
     // Tiles of 16 columns, then at most one of 8, 4, 2 and 1.
     int64_t j = 0;
-    for (; j + 16 <= a.Wo; j += 16) dwcl_tiles_avx512<KW, 16>(a, r, rcbs, o, j);
-    if (j + 8 <= a.Wo) dwcl_tiles_avx512<KW, 8>(a, r, rcbs, o, j), j += 8;
-    if (j + 4 <= a.Wo) dwcl_tiles_avx512<KW, 4>(a, r, rcbs, o, j), j += 4;
-    if (j + 2 <= a.Wo) dwcl_tiles_avx512<KW, 2>(a, r, rcbs, o, j), j += 2;
-    if (j < a.Wo) dwcl_tiles_avx512<KW, 1>(a, r, rcbs, o, j);
+    for (; j + 16 <= a.Wo; j += 16) dwcl_tiles_avx512<KW, SW, 16>(a, r, rcbs, o, j);
+    if (j + 8 <= a.Wo) dwcl_tiles_avx512<KW, SW, 8>(a, r, rcbs, o, j), j += 8;
+    if (j + 4 <= a.Wo) dwcl_tiles_avx512<KW, SW, 4>(a, r, rcbs, o, j), j += 4;
+    if (j + 2 <= a.Wo) dwcl_tiles_avx512<KW, SW, 2>(a, r, rcbs, o, j), j += 2;
+    if (j < a.Wo) dwcl_tiles_avx512<KW, SW, 1>(a, r, rcbs, o, j);
   }
 }
 
 template <typename O>
 BSCONV_AVX512 inline void dwcl_avx512(const DwClArgs<O>& a) {
+  const bool s2 = a.sw == 2;
   switch (a.Kw) {
-    case 3: return dwcl_avx512_k<3>(a);
-    case 5: return dwcl_avx512_k<5>(a);
-    default: return dwcl_avx512_k<7>(a);
+    case 3: return s2 ? dwcl_avx512_k<3, 2>(a) : dwcl_avx512_k<3, 1>(a);
+    case 5: return s2 ? dwcl_avx512_k<5, 2>(a) : dwcl_avx512_k<5, 1>(a);
+    default: return s2 ? dwcl_avx512_k<7, 2>(a) : dwcl_avx512_k<7, 1>(a);
   }
 }
 #endif
