@@ -1351,22 +1351,22 @@ BSCONV_AVX2 inline void float_to_bf16_rows_avx2(const float* s, int64_t sld, c10
 
 // --- forward depthwise on B16 rows (AVX-512) ---
 //
-// Stride 1 or 2, dilation 1, Kw 3, 5 or 7, channel counts in whole 16-lane vectors. The v rows are
-// blocks of 16 channels (B16: each block a [pixel][16] array, filled by whole-vector copies of
-// the GEMM's channels-last rows), and a tile of U output columns of one 16-channel vector keeps
-// its accumulators and one kernel row's taps in registers while each v pixel of the row is
-// loaded once for the Kw taps that read it (a sliding window: Kh * (sw (U - 1) + Kw) aligned
-// loads for Kh * Kw * U multiply-adds, against one load per multiply-add in the B8 loops, half
-// of them split across cache lines; stride 2 ran the AVX2 B8 loop). Each output sums its terms in the B8 loops' order (bias,
-// then kh, then kw), so the results are the same bit for bit; bfloat16 outputs are rounded in
-// registers (bf16x16_avx512, c10's rounding) as they are stored, instead of in a second pass.
-// NCHW outputs: the 16 x 16 tile of accumulators is transposed in registers and stored as 16
-// channel rows of U pixels. The order of the tiles follows the stores: NCHW and channels-last
-// float outputs go channel vector by channel vector, each over the block's rows (whole-line
-// stores along 16 output rows; with the channel vectors innermost, float 32->64 112x112 B=8
-// NCHW ran twice as long as the B8 loops), channels-last bfloat16 outputs (half a line per
-// store) go tile by tile with the channel vectors innermost, so that a pixel's line is filled
-// at once.
+// Stride 1 or 2, dilation 1, Kw 3, 5 or 7, channel counts in whole 16-lane vectors. The v
+// rows are blocks of 16 channels (B16: each block a [pixel][16] array, filled by whole-vector
+// copies of the GEMM's channels-last rows), and a tile of U output columns of one 16-channel
+// vector keeps its accumulators and one kernel row's taps in registers while each v pixel of
+// the row is loaded once for the Kw taps that read it (a sliding window: Kh * (sw (U - 1) +
+// Kw) aligned loads for Kh * Kw * U multiply-adds, against one load per multiply-add in the B8
+// loops, half of them split across cache lines; stride 2 ran the AVX2 B8 loop). Each output
+// sums its terms in the B8 loops' order (bias, then kh, then kw), so the results are the same
+// bit for bit; bfloat16 outputs are rounded in registers (bf16x16_avx512, c10's rounding) as
+// they are stored, instead of in a second pass. NCHW outputs: the 16 x 16 tile of
+// accumulators is transposed in registers and stored as 16 channel rows of U pixels. The order
+// of the tiles follows the stores: NCHW and channels-last float outputs go channel vector by
+// channel vector, each over the block's rows (whole-line stores along 16 output rows; with the
+// channel vectors innermost, float 32->64 112x112 B=8 NCHW ran twice as long as the B8 loops),
+// channels-last bfloat16 outputs (half a line per store) go tile by tile with the channel
+// vectors innermost, so that a pixel's line is filled at once.
 template <typename O>
 struct DwClArgs {
   int64_t rows_out;
