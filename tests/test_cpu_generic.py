@@ -309,9 +309,9 @@ def test_stream_store_switch_and_bits(tmp_path: Path) -> None:
 
 
 # Forward of layers the channels-last (B16) depthwise takes (AVX-512, stride 1 or 2, dilation
-# 1, zero padding, Kw 3 / 5 / 7, channel counts in multiples of 16, no mid transform): tails of
-# R = 2..15 columns after tiles of 16 (NCHW and float channels-last y: one tile of R;
-# bfloat16 channels-last y: tiles of 8, 4, 2 and 1, each of them here), Kh != Kw, asymmetric
+# 1, zero padding, Kw 3 / 5 / 7, channel counts in multiples of 16, no mid transform): every
+# tail of R = 1..15 columns after tiles of 16 (NCHW and float channels-last y: one tile of R;
+# bfloat16 channels-last y: tiles of 8, 4, 2 and 1), and none, Kh != Kw, asymmetric
 # and no padding, stride 2, two channel chunks (160 = 128 + 32), small images grouped per
 # task, NCHW x projected channel-major (U) and through u (S), float32, bfloat16 and float16
 # (channels-last only: float16 NCHW y stays on the B8 loops), both layouts; calls of at least
@@ -328,6 +328,8 @@ cases = [("u", 2, 12, 16, 9, 37, (3, 3), 1), ("u", 1, 24, 48, 9, 31, (5, 5), 2),
          ("u", 2, 48, 32, 8, 19, (3, 7), (0, 0)), ("u", 1, 32, 16, 5, 62, (1, 3), (0, 1)),
          ("u", 2, 24, 32, 15, 29, (3, 3), 1, 2), ("s", 1, 32, 48, 20, 40, (5, 5), 2, 2),
          ("u", 1, 16, 16, 9, 64, (3, 7), (1, 3), 2)]
+# The tails the layers above leave out: R = 1, 3, 9, 10, 11, 12.
+cases += [("u", 1, 16, 16, 16, W, (3, 3), 1) for W in (17, 19, 25, 26, 27, 28)]
 ops = torch.ops.bsconv_fused
 for i, (v, B, M, N, H, W, K, pad, *stride) in enumerate(cases):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -357,7 +359,7 @@ def test_channels_last_depthwise_switch_and_bits(tmp_path: Path) -> None:
     r = _run(["-c", _DW_CL, str(path)], generic=False, dw_cl=True, stream_stores=True)
     assert r.returncode == 0, r.stderr[-2000:]
     results.append(torch.load(path))
-    n = 11 * 3 * 2
+    n = 17 * 3 * 2
     assert len(results[0]) == len(results[1]) == len(results[2]) == 3 * n
     avx512 = _cpu_has("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl")
     for k in range(n):

@@ -160,6 +160,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
   TORCH_INTERNAL_ASSERT(w.wbp == nullptr || !S || w.wbp2 != nullptr,
                         "bsconv_fused: bfloat16 GEMM operands");
   const int64_t cbs = S_ * Wp * kLanes;  // channel-block stride of the v slots (B8)
+  const int64_t cbs16 = Wp * 16;         // channel-block stride of a B16 slot
   // B16 v slots read by the channels-last depthwise (depthwise_rows_cl, AVX-512; simd.h):
   // stride 1 or 2, dilation 1, zero padding, no mid transform, every chunk in whole 16-channel
   // vectors, projections by GEMM (not proj_b8's B8 register tiles). A slot then holds blocks
@@ -187,7 +188,8 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
   run_workers(tasks, threads, [&](auto next) {
     const Bf16GemmScope bf16_scope(w.wbp != nullptr);
     Scratch<acc_t> Vt(kSlotFwdVt, S_ * W * ncp_max, false), V(kSlotFwdV, S_ * Wp * ncp_max);
-    Scratch<acc_t> zero_row(kSlotFwdZero, Wp * (dw_cl ? ncp_max : kLanes));
+    // Rows of zero padding are read with a channel-block stride of 0: one block of zeros.
+    Scratch<acc_t> zero_row(kSlotFwdZero, Wp * (dw_cl ? 16 : kLanes));
     Scratch<acc_t> obuf(kSlotFwdOut, plan.ob * Wo * ncp_max, false);
     // Tasks of whole images project them at once: x gathered unless in place, u and v for all
     // pixels of the task.
@@ -231,7 +233,6 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
           return V.get() + ring.row2slot[r] * Wp * (dw_cl ? ncp : kLanes);
         };
         // dw_cl: a slot's zero padding columns around its image pixels.
-        const int64_t cbs16 = Wp * 16;  // channel-block stride of a B16 slot
         auto pad_slot = [&](acc_t* row) {
           for (int64_t c = 0; c < ncp; c += 16) {
             acc_t* blk = row + (c / 16) * cbs16;
@@ -280,9 +281,10 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
             // BSConv-S reading NCHW x in place: the next block's x rows prefetched, one short
             // run per channel (the M runs of a block defeat the hardware prefetchers, where
             // channels-last x is one stream). Benchmark subset of the MobileNet S layers (36
-            // cases, B = 1 and 8), forward, two alternating pairs: 1.28x / 1.28x -> 1.33x / 1.33x (vs NCHW 2.04x / 2.07x ->
-            // 2.18x / 2.24x); in a loop of one warm layer 3% slower. BSConv-U's in-place
-            // projection of NCHW x was slower with it (36 U cases: 1.21x -> 1.17x).
+            // cases, B = 1 and 8), forward, two alternating pairs: 1.28x / 1.28x -> 1.33x /
+            // 1.33x (vs NCHW 2.04x / 2.07x -> 2.18x / 2.24x); in a loop of one warm layer 3%
+            // slower. BSConv-U's in-place projection of NCHW x was slower with it (36 U
+            // cases: 1.21x -> 1.17x).
             const int64_t n1 = std::min(H, rb + (rb - ra));
             const int64_t bytes = (n1 - rb) * W * int64_t(sizeof(scalar_t));
             const char* base = reinterpret_cast<const char*>(x + (b * g.M * H + rb) * W);
@@ -347,7 +349,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
             const int64_t r = remap_index(i * g.sh - g.pt + kh * g.dh, H, g.mode);
             const int64_t at = (i - i0) * g.Kh + kh;
             rowp[at] = r < 0 ? zero_row.get() : slot(r);
-            rcbs[at] = r < 0 ? 0 : dw_cl ? Wp * 16 : cbs;
+            rcbs[at] = r < 0 ? 0 : dw_cl ? cbs16 : cbs;
           }
           if (dw_cl_direct) {
             outs_y[i - i0] = y_cl ? y + (b * HoWo + i * Wo) * N + n0

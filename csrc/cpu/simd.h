@@ -1587,6 +1587,7 @@ void depthwise_rows_cl(const DwClArgs<O>& a) {
   return dwcl_avx512(a);
 #else
   (void)a;
+  std::abort();  // unreachable: depthwise_cl_enabled() is false off x86-64
 #endif
 }
 
