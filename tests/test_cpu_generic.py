@@ -378,3 +378,92 @@ def test_channels_last_depthwise_switch_and_bits(tmp_path: Path) -> None:
             # the output's scale is ~100x float32 rounding, far below any misplaced value.
             scale = ref.abs().max().item()
             assert (y1.double() - ref).abs().max().item() <= 1e-4 * scale, k
+
+
+# Backward of layers the B16 backward loops take (AVX-512, float32, stride 1, dilation 1, zero
+# padding, Kw 3 / 5 / 7, channel counts in multiples of 16, no mid transform: gv_rows_cl,
+# gb_rows_cl in simd.h): gv tiles of 16 with every tail (W % 16 = 1..15 over the cases), gb
+# tiles of 8 with every tail (Wo % 8), Kh != Kw, asymmetric ('same' with Kh = 4), large
+# and no padding, images of
+# one row, several images per task, BSConv-S, both layouts of x and gy, and gradients of
+# subsets of the inputs (only gv, only the blueprint gradient). `bits`: the B8 run computes
+# act(v) with the same GEMM (in calls of fewer than 256 pixels with NCHW x of at most 64
+# channels it projects with proj_b8 instead: other roundings of v, so only accuracy is
+# compared there). Two layers the loops do not take (stride 2, a mid transform) check the
+# condition. Saves per case the gradients, the float64 reference's, their magnitudes and how
+# many backwards took the B16 loops.
+_DW_CL_BWD = r"""
+import sys, torch, bsconv_fused
+sys.path.insert(0, "tests")
+from helpers import make_problem, magnitudes
+out = []
+# (variant, B, M, N, H, W, K, padding, stride, mid_affine, which inputs need gradients)
+cases = [("u", 1, 32, 64, 12, 40, (3, 3), 1, 1, False, "all"),
+         ("u", 2, 24, 32, 9, 37, (5, 5), 2, 1, False, "all"),
+         ("u", 3, 16, 16, 6, 19, (7, 7), 3, 1, False, "all"),
+         ("u", 1, 40, 160, 7, 23, (3, 5), (1, 2), 1, False, "all"),
+         ("u", 2, 48, 32, 8, 29, (5, 3), (0, 0), 1, False, "all"),
+         ("u", 1, 16, 48, 5, 30, (1, 3), (0, 1), 1, False, "all"),
+         ("u", 2, 16, 16, 1, 27, (3, 7), (1, 4), 1, False, "all"),
+         ("u", 1, 96, 32, 11, 21, (4, 5), "same", 1, False, "all"),
+         ("s", 2, 32, 48, 10, 26, (3, 3), 1, 1, False, "all"),
+         ("s", 1, 24, 32, 9, 31, (5, 5), 2, 1, False, "all"),
+         ("u", 1, 32, 32, 12, 25, (3, 3), 1, 1, False, "x"),
+         ("u", 2, 32, 32, 10, 28, (5, 5), 2, 1, False, "dw"),
+         ("u", 1, 16, 32, 6, 17, (3, 3), 1, 1, False, "all"),
+         ("u", 2, 24, 32, 15, 29, (3, 3), 1, 2, False, "all"),
+         ("u", 1, 32, 32, 12, 20, (3, 3), 1, 1, True, "all")]
+ops = torch.ops.bsconv_fused
+for i, (v, B, M, N, H, W, K, pad, stride, affine, which) in enumerate(cases):
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        p = make_problem(v, B=B, M=M, N=N, mid=8, H=H, W=W, K=K, padding=pad, stride=stride,
+                         mid_affine=affine, seed=i)
+        if affine:
+            p.kwargs["mid_activation"] = "relu"
+        r = p.cast(torch.float64)
+        yr = r.reference()
+        gy = torch.randn(yr.shape, generator=torch.Generator().manual_seed(100 + i),
+                         dtype=torch.float64).contiguous(memory_format=fmt)
+        q = p.cast(torch.float32, fmt, requires_grad=False)
+        want = {"all": q.inputs(), "x": [q.x], "dw": [q.dw_weight]}[which]
+        for t in want:
+            t.requires_grad_()
+        y = q.fused()
+        before = ops.cpu_depthwise_cl_backwards()
+        g = torch.autograd.grad(y, want, gy.float())
+        taken = ops.cpu_depthwise_cl_backwards() - before
+        idx = [k for k, t in enumerate(q.inputs()) if t.requires_grad]
+        gref = torch.autograd.grad(yr, [r.inputs()[k] for k in idx], gy)
+        _, mags = magnitudes(p, gy)
+        out.append([list(g), list(gref), [mags[k] for k in idx], torch.tensor(taken)])
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_channels_last_backward_switch_and_bits(tmp_path: Path) -> None:
+    """BSCONV_CPU_NO_DW_CL=1 keeps the backward's B8 loops too; on an AVX-512 CPU the default
+    runs the B16 ones for these layers (cpu_depthwise_cl_backwards counts them). Both sum each
+    gradient's terms in the same order, so the two runs must give the same bits (where both
+    project v the same way), and every gradient must match its float64 reference."""
+    results = _runs_off_and_on(tmp_path, _DW_CL_BWD, "dw_cl")
+    n = 15 * 2
+    assert len(results[0]) == len(results[1]) == n
+    avx512 = _cpu_has("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl")
+    for k in range(n):
+        case = k // 2
+        g0, ref, mags, taken0 = results[0][k]
+        g1, _, _, taken1 = results[1][k]
+        takes = case < 13  # the last two: stride 2, a mid transform
+        assert int(taken0) == 0, k
+        assert int(taken1) == (1 if avx512 and takes else 0), k
+        # Calls under 256 pixels with NCHW x of <= 64 channels: the B8 run projects with
+        # proj_b8 (case 12: 6 x 17 pixels, NCHW x of 16 channels; the even k are NCHW).
+        bits = not (case == 12 and k % 2 == 0)
+        assert len(g1) == len(ref) == len(mags) > 0, k
+        for a, b, r, m in zip(g0, g1, ref, mags):
+            assert b.shape == r.shape, k
+            if bits:
+                assert torch.equal(a, b), k
+            # Rounding of float32 sums of up to ~3000 terms stays far below 2^-14 of the sum of
+            # |terms| (m); a missing or misplaced term moves a result by ~m / 3000 or more.
+            assert ((b.double() - r).abs() <= 2.0 ** -14 * m + 1e-30).all(), k

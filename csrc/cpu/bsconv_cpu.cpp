@@ -20,6 +20,8 @@ namespace {
 // Forward calls (this process) whose depthwise ran on the channels-last B16 loops: the tests'
 // evidence that a case took them (cpu_depthwise_cl_forwards).
 std::atomic<int64_t> dw_cl_forwards{0};
+// Backward calls (this process) that ran the B16 loops (gv_rows_cl, gb_rows_cl).
+std::atomic<int64_t> dw_cl_backwards{0};
 
 // ---------------------------------------------------------------------------------------------
 // The v rows a block of output rows reads, kept in a ring of S slots: a row computed for one
@@ -559,6 +561,15 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const Image<scalar_t> xi{x, M, !x_cl, M * HW, HW};
 
+  // act(v), gy and gv in B16 rows for the AVX-512 sliding-window loops (GvClArgs in simd.h),
+  // else B8 rows for the B8 loops. The same sums in the same order either way.
+  constexpr bool is_float = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
+  const bool b16 = is_float && depthwise_cl_enabled() &&
+                   bwd_cl_shape(g.sh, g.sw, g.dh, g.dw, g.Kh, g.Kw) && g.mode == kZeros && !mid &&
+                   N % 16 == 0 && Np == N;
+  if (b16) dw_cl_backwards.fetch_add(1, std::memory_order_relaxed);
+  const int64_t lb = b16 ? 16 : kLanes;  // lanes of a channel block
+
   const int64_t bpp = int64_t(sizeof(acc_t)) *
                       (Np * 3 + (S ? 2 * Mm : 0) + M + (mask[kGx] ? M : 0));
   const BackwardPlan plan = backward_plan(g, bpp, lay.size * int64_t(sizeof(acc_t)));
@@ -597,7 +608,6 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
   // NCHW float x of more than kSmallProjK channels with packed weights: each task transposes
   // its x rows once into channels-last scratch, read by the recompute and the weight gradient
   // (fewer channels: each GEMM takes the channel-major rows as a transposed operand).
-  constexpr bool is_float = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
   const bool x_gather_cl = is_float && !x_cl && !S && w.wvp != nullptr && M > kSmallProjK;
   // x and gx in place (else gathered / scattered through scratch).
   const bool x_inplace = same && (x_cl || plan.nb == 1) && !x_gather_cl;
@@ -630,7 +640,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
   }
   const int64_t GL = -off_lo, GWp = GL + std::max(Wo, T_max + off_hi);
   for (auto& o : ph_off) o += GL;
-  const int64_t gcbs = orows_max * GWp * kLanes;  // channel-block stride of the gy rows (B8)
+  const int64_t gcbs = orows_max * GWp * lb;  // channel-block stride of the gy rows
   // The bias gradient: band k sums the gy rows [orow(k), orow(k + 1)), a partition of [0, Ho)
   // (orow(k): the first output row that reads band k's first v row; rows no v row is read by
   // belong to a neighbour). Those rows were just read into the B8 gy rows: cache-warm.
@@ -644,13 +654,13 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
   // transposed depthwise and the blueprint correlation).
   const int64_t threads = useful_threads(3 * forward_flops(g));
   run_workers(groups, threads, [&](auto next) {
-    // V: pre-activation v (CL); AG: act(v) (B8), later gv (CL); gvb: gv (B8).
-    // V: pre-activation v (CL); AG: act(v) (padded B8 rows); gvb: gv (B8); GC: gv (CL).
+    // V: pre-activation v (CL); AG: act(v) (padded B8 or B16 rows); gvb: gv (B8; unused with
+    // b16); GC: gv (CL).
     Scratch<acc_t> V(kSlotBwdV, P_max * Np, false), AG(kSlotBwdA, need_gb ? rows_max * Wa * Np : 0);
-    Scratch<acc_t> gvb(kSlotBwdGvb, need_gv ? P_max * Np : 0, false);
+    Scratch<acc_t> gvb(kSlotBwdGvb, need_gv && !b16 ? P_max * Np : 0, false);
     Scratch<acc_t> GC(kSlotBwdGc, need_gv ? P_max * Np : 0, false);
     Scratch<acc_t> gU(kSlotBwdGu, S ? P_max * Mm : 0, false);
-    // gy rows (B8), a ring: output row oh in slot oh % orows_max. A band shares its first gy
+    // gy rows (B8 or B16), a ring: output row oh in slot oh % orows_max. A band shares its first gy
     // rows with the previous band of the image; when this worker ran that band, they are still
     // in place (image gy_b, rows [gy_lo, gy_hi]) and only the rest is read.
     Scratch<acc_t> Gy(kSlotBwdGy, orows_max * GWp * Np);  // zero: padding, lanes beyond N
@@ -661,6 +671,13 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
     Scratch<acc_t> gbt(kSlotBwdGb, need_gb ? KK * Np : 0, false);
     Scratch<double> dsc(kSlotBwdDsc, Np, false), dsh(kSlotBwdDsh, Np, false);
     std::vector<const acc_t*> grows(g.Kh);
+    // B16: per v row of an image its gy rows and tap rows; the (gy row, act row) pairs.
+    std::vector<const float*> g16(b16 ? plan.nr * g.Kh : 0), gb_g, gb_a;
+    std::vector<int64_t> n16(b16 ? plan.nr : 0), k16(b16 ? plan.nr * g.Kh : 0), gb_k;
+    if (b16) {
+      const int64_t pairs_max = orows_max * g.Kh;
+      gb_g.resize(pairs_max), gb_a.resize(pairs_max), gb_k.resize(pairs_max);
+    }
     std::vector<int64_t> khs(g.Kh);
     std::vector<TapEntry> rows_e;
     std::vector<acc_t> gtmp(N);
@@ -684,11 +701,11 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
         const Operand<acc_t>& Xv = S ? Ut : X;  // the input of the projection into v
         const int64_t Kv = S ? Mm : M;
         const acc_t* act = AG.get();
-        const int64_t acbs = nbt * rows * Wa * kLanes;  // channel-block stride of act rows
+        const int64_t acbs = nbt * rows * Wa * lb;  // channel-block stride of act rows
         // Without a mid transform, v itself is needed only as act(v) = v (B8 rows): small
         // channel-major projections go straight there.
         bool direct_act = false;
-        if (!mid && need_gb && w.wpt != nullptr && Xv.cm) {
+        if (!b16 && !mid && need_gb && w.wpt != nullptr && Xv.cm) {
           direct_act = true;
           for (int64_t k = 0; k < nbt * rows && direct_act; ++k) {
             direct_act = proj_b8(Xv.ptr + k * W, Xv.ld, true, W, Kv, w.wpt, Np, Np,
@@ -707,7 +724,11 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
           } else {
             proj_gemm(Xv, P, 0, N, Kv, wv, w.wvp, V.get(), Np);
           }
-          if (need_gb) {
+          if (need_gb && b16) {
+            for (int64_t k = 0; k < nbt * rows; ++k) {
+              cl_to_b16(V.get() + k * W * Np, Np, W, Np, AG.get() + (k * Wa + g.pl) * 16, acbs);
+            }
+          } else if (need_gb) {
             for (int64_t k = 0; k < nbt * rows; ++k) {
               cl_to_b8(V.get() + k * W * Np, Np, W, Np, AG.get() + (k * Wa + g.pl) * kLanes,
                        acbs, mid, w.scale, w.shift, g.act);
@@ -723,11 +744,21 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
               std::max<int64_t>(0, -floor_div(-(r0 + g.pt - (g.Kh - 1) * g.dh), g.sh));
           const int64_t oh_hi = std::min(Ho - 1, floor_div(r1 - 1 + g.pt, g.sh));
           // Padded column 0 of a gy row.
-          auto grow = [&](int64_t oh) { return Gy.get() + (oh % orows_max) * GWp * kLanes; };
+          auto grow = [&](int64_t oh) { return Gy.get() + (oh % orows_max) * GWp * lb; };
           const bool kept = gy_b == b && oh_lo >= gy_lo && oh_lo <= gy_hi + 1;
           for (int64_t oh = kept ? std::max(oh_lo, gy_hi + 1) : oh_lo; oh <= oh_hi; ++oh) {
-            acc_t* d = grow(oh) + GL * kLanes;
+            acc_t* d = grow(oh) + GL * lb;
             const acc_t* none = nullptr;
+            if constexpr (is_float) {
+              if (b16) {
+                if (cl) {
+                  cl_to_b16(gy + (b * HoWo + oh * Wo) * N, N, Wo, N, d, gcbs);
+                } else {
+                  cm_to_b16(gy + b * N * HoWo + oh * Wo, HoWo, Wo, N, d, gcbs);
+                }
+                continue;
+              }
+            }
             if (cl) {
               cl_to_b8(gy + (b * HoWo + oh * Wo) * N, N, Wo, N, d, gcbs, false, none, none, 0);
             } else {
@@ -742,7 +773,43 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
           if (out.bias != nullptr) {
             add_gy_rows(g, gy, cl, b, orow(band), orow(band + 1), part + lay.bias);
           }
-          if (need_gv) {
+          bool b16_done = false;
+          if constexpr (is_float) {
+            if (b16) {
+              if (need_gv) {
+                // Pixel c of a v row reads tap kw of gy row t at padded column c + pl - kw + GL.
+                const int64_t b0c = g.pl + GL - (g.Kw - 1);
+                for (int64_t lr = 0; lr < rows; ++lr) {
+                  int64_t nk = 0;
+                  for (int64_t kh = 0; kh < g.Kh; ++kh) {
+                    const int64_t t = r0 + lr + g.pt - kh;
+                    if (t < 0 || t >= Ho) continue;
+                    g16[lr * g.Kh + nk] = grow(t) + b0c * 16;
+                    k16[lr * g.Kh + nk++] = kh;
+                  }
+                  n16[lr] = nk;
+                }
+                gv_rows_cl(GvClArgs{rows, g16.data(), n16.data(), k16.data(), g.Kh, g.Kw, W,
+                                    gcbs, Np, w.taps, Np, GC.get() + off * Np, Np});
+              }
+              if (need_gb) {
+                int64_t np = 0;
+                for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
+                  for (int64_t kh = 0; kh < g.Kh; ++kh) {
+                    const int64_t r = oh - g.pt + kh;
+                    if (r < r0 || r >= r1) continue;
+                    gb_g[np] = grow(oh) + GL * 16;
+                    gb_a[np] = act + (img * rows + r - r0) * Wa * 16;
+                    gb_k[np++] = kh;
+                  }
+                }
+                gb_rows_cl(GbClArgs{np, gb_g.data(), gb_a.data(), gb_k.data(), gcbs, acbs, g.Kw,
+                                    Wo, Np, gbt.get(), Np});
+              }
+              b16_done = true;
+            }
+          }
+          if (need_gv && !b16_done) {
             for (int64_t lr = 0; lr < rows; ++lr) {
               int64_t nk = 0;
               for (int64_t kh = 0; kh < g.Kh; ++kh) {
@@ -758,7 +825,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
               transposed_depthwise_row(a);
             }
           }
-          if (need_gb) {
+          if (need_gb && !b16_done) {
             for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
               for (int64_t kh = 0; kh < g.Kh; ++kh) {
                 const int64_t r = oh * g.sh - g.pt + kh * g.dh;
@@ -821,8 +888,10 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
           std::memset(dsc.get(), 0, size_t(Np) * sizeof(double));
           std::memset(dsh.get(), 0, size_t(Np) * sizeof(double));
         }
-        gv_to_cl(gvb.get(), pcbs, V.get(), gvc, Np, P, Np, mid, w.scale, w.shift, g.act,
-                 dsc.get(), dsh.get());
+        if (!b16) {  // (B16: gv_rows_cl wrote gv channels-last)
+          gv_to_cl(gvb.get(), pcbs, V.get(), gvc, Np, P, Np, mid, w.scale, w.shift, g.act,
+                   dsc.get(), dsh.get());
+        }
         if (mid) {
           for (int64_t n = 0; n < N; ++n) {
             if (mask[kGscale]) part[lay.scale + n] += acc_t(dsc.get()[n]);
@@ -1342,6 +1411,10 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   // AVX-512, stride 1 or 2, dilation 1, zero padding, 16-channel multiples, no mid transform;
   // BSCONV_CPU_NO_DW_CL=1 turns it off).
   m.def("cpu_depthwise_cl_forwards() -> int", [] { return dw_cl_forwards.load(); });
+  // Backward calls so far that ran the B16 loops (gv_rows_cl, gb_rows_cl: AVX-512, float32,
+  // stride 1, dilation 1, zero padding, 16-channel multiples, no mid transform; also off with
+  // BSCONV_CPU_NO_DW_CL=1).
+  m.def("cpu_depthwise_cl_backwards() -> int", [] { return dw_cl_backwards.load(); });
   // Output bytes from which a float forward writes its channels-last output by streaming stores
   // (stream_output: a core's L2 size; -1: never, BSCONV_CPU_STREAM_STORES=0; 0: always, =1).
   m.def("cpu_stream_threshold() -> int", [] { return stream_store_threshold(); });

@@ -89,9 +89,10 @@ inline bool avx512_enabled() {
   return on;
 }
 
-// True when the forward's depthwise may run on channels-last v rows (depthwise_rows_cl):
-// avx512_enabled() and BSCONV_CPU_NO_DW_CL not set to a non-zero value (which keeps the B8
-// loops; the results are the same bit for bit).
+// True when the forward's depthwise may run on channels-last v rows (depthwise_rows_cl) and
+// the backward's transposed depthwise and blueprint correlation on B16 rows (gv_rows_cl,
+// gb_rows_cl): avx512_enabled() and BSCONV_CPU_NO_DW_CL not set to a non-zero value (which
+// keeps the B8 loops; the results are the same bit for bit).
 inline bool depthwise_cl_enabled() {
   static const bool on = [] {
     const char* env = std::getenv("BSCONV_CPU_NO_DW_CL");
@@ -1588,6 +1589,227 @@ void depthwise_rows_cl(const DwClArgs<O>& a) {
 #else
   (void)a;
   std::abort();  // unreachable: depthwise_cl_enabled() is false off x86-64
+#endif
+}
+
+// --- backward on B16 rows (AVX-512): stride 1, dilation 1 ---
+//
+// The backward's counterparts of the B16 forward, for stride-1 layers the forward's B16 loops
+// take (zero padding, no mid transform, Kw 3, 5 or 7, channel counts in whole 16-lane
+// vectors). act(v) and gy rows are B16 rows (whole-vector copies, or 16 x 16 register
+// transposes of NCHW gy rows), and:
+// - the transposed depthwise (gv_rows_cl) runs a sliding window per 16-channel vector: a tile
+//   of U pixels keeps its accumulators and one tap row in registers while each gy pixel is
+//   loaded once for the Kw taps that read it, and stores gv straight into the channels-last
+//   rows the GEMMs read (the B8 loops wrote B8 rows, then copied them to channels-last);
+// - the blueprint correlation (gb_rows_cl) keeps a tile of 8 gy pixels in registers while
+//   each act(v) pixel is loaded once for its Kw taps (the B8 loops loaded both per
+//   multiply-add).
+// Both sum every output's terms in the B8 AVX-512 loops' order (gv: zero, then gy row by gy
+// row in tap-row order, each over kw ascending; gb: per (gy row, act row) pair the even and
+// the odd output columns into two sums, then gb += even + odd, pairs in output-row order), so
+// the results are the same bit for bit.
+
+struct GvClArgs {
+  int64_t rows;               // v rows, consecutive in `out`
+  const float* const* g;      // [rows * Kh]: v row i's nk[i] gy rows, B16; pixel c reads tap
+                              // kw at g[(c + Kw - 1 - kw) * 16] (padded with zeros)
+  const int64_t* nk;          // [rows]
+  const int64_t* khs;         // [rows * Kh]: the tap rows of those gy rows
+  int64_t Kh, Kw, W, gcbs;
+  int64_t lanes;              // a multiple of 16
+  const float* taps;          // taps[(kh * Kw + kw) * ts + n]
+  int64_t ts;
+  float* out;                 // gv(row i, column c, n) at out[(i * W + c) * ops + n]
+  int64_t ops;
+};
+
+struct GbClArgs {
+  int64_t pairs;
+  const float* const* g;  // [pairs]: gy rows (B16; gy column 0)
+  const float* const* a;  // [pairs]: act(v) rows (B16; padded column 0)
+  const int64_t* kh;      // [pairs]: the tap row joining them
+  int64_t gcbs, acbs, Kw, Wo;
+  int64_t lanes;  // a multiple of 16
+  float* gb;      // gb[(kh * Kw + kw) * gbs + n] += sum_ow gy[ow][n] * a[ow + kw][n]
+  int64_t gbs;
+};
+
+// Whether the backward's B16 loops take a layer (with float data, zero padding, no mid
+// transform and whole 16-lane channel vectors; callers check depthwise_cl_enabled()).
+inline bool bwd_cl_shape(int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t Kh, int64_t Kw) {
+  return sh == 1 && sw == 1 && dh == 1 && dw == 1 && Kh <= kMaxK &&
+         (Kw == 3 || Kw == 5 || Kw == 7);
+}
+
+#if BSCONV_X86_AVX2
+template <int KW, int U>
+BSCONV_AVX512 inline __attribute__((always_inline)) void gvcl_tile_avx512(
+    const GvClArgs& a, const float* const* g, const int64_t* khs, int64_t nk, int64_t c,
+    float* o, int64_t j) {
+  __m512 acc[U];
+#pragma GCC unroll 16
+  for (int u = 0; u < U; ++u) acc[u] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < nk; ++i) {
+    __m512 t[KW];
+    const float* tp = a.taps + khs[i] * KW * a.ts + c;
+#pragma GCC unroll 8
+    for (int k = 0; k < KW; ++k) t[k] = _mm512_loadu_ps(tp + k * a.ts);
+    const float* p = g[i] + j * 16;
+    asm("" : "+r"(p));  // (as in dwcl_tile_avx512)
+    // Pixels from the right: output u reads pixel u + Kw - 1 - kw, so each output meets its
+    // taps in kw order.
+#pragma GCC unroll 40
+    for (int q = U + KW - 2; q >= 0; --q) {
+      __m512 v = _mm512_load_ps(p + q * 16);
+      asm("" : "+v"(v));
+#pragma GCC unroll 8
+      for (int kw = 0; kw < KW; ++kw) {
+        const int u = q - (KW - 1 - kw);
+        if (u >= 0 && u < U) acc[u] = _mm512_fmadd_ps(t[kw], v, acc[u]);
+      }
+    }
+  }
+  float* d = o + j * a.ops + c;
+#pragma GCC unroll 16
+  for (int u = 0; u < U; ++u) _mm512_storeu_ps(d + u * a.ops, acc[u]);
+}
+
+template <int KW>
+BSCONV_AVX512 inline void gvcl_avx512_k(const GvClArgs& a) {
+  const float* gc[kMaxK];
+  for (int64_t c = 0; c < a.lanes; c += 16) {
+    for (int64_t i = 0; i < a.rows; ++i) {
+      const int64_t nk = a.nk[i];
+      const int64_t* khs = a.khs + i * a.Kh;
+      for (int64_t q = 0; q < nk; ++q) gc[q] = a.g[i * a.Kh + q] + (c / 16) * a.gcbs;
+      float* o = a.out + i * a.W * a.ops;
+      int64_t j = 0;
+      for (; j + 16 <= a.W; j += 16) gvcl_tile_avx512<KW, 16>(a, gc, khs, nk, c, o, j);
+      if (j + 8 <= a.W) gvcl_tile_avx512<KW, 8>(a, gc, khs, nk, c, o, j), j += 8;
+      if (j + 4 <= a.W) gvcl_tile_avx512<KW, 4>(a, gc, khs, nk, c, o, j), j += 4;
+      if (j + 2 <= a.W) gvcl_tile_avx512<KW, 2>(a, gc, khs, nk, c, o, j), j += 2;
+      if (j < a.W) gvcl_tile_avx512<KW, 1>(a, gc, khs, nk, c, o, j);
+    }
+  }
+}
+
+// U gy columns from j (j even) of one pair: even columns into E, odd ones into O.
+template <int KW, int U>
+BSCONV_AVX512 inline __attribute__((always_inline)) void gbcl_tile_avx512(const float* g,
+                                                                          const float* v,
+                                                                          int64_t j, __m512* E,
+                                                                          __m512* O) {
+  __m512 gy[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) gy[u] = _mm512_load_ps(g + (j + u) * 16);
+  const float* p = v + j * 16;
+  asm("" : "+r"(p));
+#pragma GCC unroll 16
+  for (int q = 0; q < U + KW - 1; ++q) {
+    __m512 x = _mm512_load_ps(p + q * 16);
+    asm("" : "+v"(x));
+#pragma GCC unroll 8
+    for (int kw = 0; kw < KW; ++kw) {
+      const int u = q - kw;  // column j + u meets tap kw at act pixel j + q
+      if (u < 0 || u >= U) continue;
+      if (u % 2 == 0) {
+        E[kw] = _mm512_fmadd_ps(gy[u], x, E[kw]);
+      } else {
+        O[kw] = _mm512_fmadd_ps(gy[u], x, O[kw]);
+      }
+    }
+  }
+}
+
+template <int KW, int R = 7>
+BSCONV_AVX512 inline __attribute__((always_inline)) void gbcl_tail_avx512(
+    const float* g, const float* v, int64_t j, int64_t rest, __m512* E, __m512* O) {
+  if constexpr (R >= 1) {
+    if (rest == R) return gbcl_tile_avx512<KW, R>(g, v, j, E, O);
+    gbcl_tail_avx512<KW, R - 1>(g, v, j, rest, E, O);
+  }
+}
+
+template <int KW>
+BSCONV_AVX512 inline void gbcl_avx512_k(const GbClArgs& a) {
+  for (int64_t c = 0; c < a.lanes; c += 16) {
+    for (int64_t i = 0; i < a.pairs; ++i) {
+      const float* g = a.g[i] + (c / 16) * a.gcbs;
+      const float* v = a.a[i] + (c / 16) * a.acbs;
+      __m512 E[KW], O[KW];
+#pragma GCC unroll 8
+      for (int k = 0; k < KW; ++k) E[k] = O[k] = _mm512_setzero_ps();
+      int64_t j = 0;
+      for (; j + 8 <= a.Wo; j += 8) gbcl_tile_avx512<KW, 8>(g, v, j, E, O);
+      if (j < a.Wo) gbcl_tail_avx512<KW>(g, v, j, a.Wo - j, E, O);
+      float* o = a.gb + a.kh[i] * KW * a.gbs + c;
+#pragma GCC unroll 8
+      for (int k = 0; k < KW; ++k) {
+        _mm512_storeu_ps(o + k * a.gbs,
+                         _mm512_add_ps(_mm512_loadu_ps(o + k * a.gbs), _mm512_add_ps(E[k], O[k])));
+      }
+    }
+  }
+}
+
+// Channel-major rows (row stride sld) -> B16 for `pixels` pixels of `lanes` channels (a
+// multiple of 16), 16 x 16 tiles transposed in registers.
+BSCONV_AVX512 inline void cm_to_b16_avx512(const float* src, int64_t sld, int64_t pixels,
+                                           int64_t lanes, float* dst, int64_t dcbs) {
+  for (int64_t c = 0; c < lanes; c += 16) {
+    float* d = dst + (c / 16) * dcbs;
+    for (int64_t p = 0; p < pixels; p += 16) {
+      const int64_t n = std::min<int64_t>(16, pixels - p);
+      const __mmask16 m = __mmask16((1u << n) - 1);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_ps(m, src + (c + i) * sld + p);
+      transpose16_avx512(r);
+      if (n == 16) {
+#pragma GCC unroll 16
+        for (int u = 0; u < 16; ++u) _mm512_store_ps(d + (p + u) * 16, r[u]);
+      } else {
+        for (int u = 0; u < n; ++u) _mm512_store_ps(d + (p + u) * 16, r[u]);
+      }
+    }
+  }
+}
+#endif
+
+// The backward's B16 loops (see GvClArgs): AVX-512 only; callers check depthwise_cl_enabled()
+// and bwd_cl_shape() first.
+inline void gv_rows_cl(const GvClArgs& a) {
+#if BSCONV_X86_AVX2
+  switch (a.Kw) {
+    case 3: return gvcl_avx512_k<3>(a);
+    case 5: return gvcl_avx512_k<5>(a);
+    default: return gvcl_avx512_k<7>(a);
+  }
+#else
+  (void)a;
+  std::abort();  // unreachable: depthwise_cl_enabled() is false off x86-64
+#endif
+}
+inline void gb_rows_cl(const GbClArgs& a) {
+#if BSCONV_X86_AVX2
+  switch (a.Kw) {
+    case 3: return gbcl_avx512_k<3>(a);
+    case 5: return gbcl_avx512_k<5>(a);
+    default: return gbcl_avx512_k<7>(a);
+  }
+#else
+  (void)a;
+  std::abort();
+#endif
+}
+inline void cm_to_b16(const float* src, int64_t sld, int64_t pixels, int64_t lanes, float* dst,
+                      int64_t dcbs) {
+#if BSCONV_X86_AVX2
+  return cm_to_b16_avx512(src, sld, pixels, lanes, dst, dcbs);
+#else
+  (void)src, (void)sld, (void)pixels, (void)lanes, (void)dst, (void)dcbs;
+  std::abort();
 #endif
 }
 
