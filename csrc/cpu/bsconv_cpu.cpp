@@ -777,26 +777,25 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
           if constexpr (is_float) {
             if (b16) {
               if (need_gv) {
-                // Pixel c of a v row reads tap kw of gy row t at padded column c + pl - kw + GL.
-                const int64_t b0c = g.pl + GL - (g.Kw - 1);
                 for (int64_t lr = 0; lr < rows; ++lr) {
                   int64_t nk = 0;
                   for (int64_t kh = 0; kh < g.Kh; ++kh) {
                     const int64_t t = r0 + lr + g.pt - kh;
-                    if (t < 0 || t >= Ho) continue;
-                    g16[lr * g.Kh + nk] = grow(t) + b0c * 16;
+                    if (t < 0 || t % g.sh != 0 || t / g.sh >= Ho) continue;
+                    g16[lr * g.Kh + nk] = grow(t / g.sh);
                     k16[lr * g.Kh + nk++] = kh;
                   }
                   n16[lr] = nk;
                 }
-                gv_rows_cl(GvClArgs{rows, g16.data(), n16.data(), k16.data(), g.Kh, g.Kw, W,
-                                    gcbs, Np, w.taps, Np, GC.get() + off * Np, Np});
+                gv_rows_cl(GvClArgs{rows, g16.data(), n16.data(), k16.data(), g.Kh, g.Kw, g.sw,
+                                    W, gcbs, ph_n.data(), ph_kw.data(), ph_off.data(), Np,
+                                    w.taps, Np, GC.get() + off * Np, Np});
               }
               if (need_gb) {
                 int64_t np = 0;
                 for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
                   for (int64_t kh = 0; kh < g.Kh; ++kh) {
-                    const int64_t r = oh - g.pt + kh;
+                    const int64_t r = oh * g.sh - g.pt + kh;
                     if (r < r0 || r >= r1) continue;
                     gb_g[np] = grow(oh) + GL * 16;
                     gb_a[np] = act + (img * rows + r - r0) * Wa * 16;
@@ -804,7 +803,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
                   }
                 }
                 gb_rows_cl(GbClArgs{np, gb_g.data(), gb_a.data(), gb_k.data(), gcbs, acbs, g.Kw,
-                                    Wo, Np, gbt.get(), Np});
+                                    g.sw, Wo, Np, gbt.get(), Np});
               }
               b16_done = true;
             }
@@ -1412,8 +1411,8 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   // BSCONV_CPU_NO_DW_CL=1 turns it off).
   m.def("cpu_depthwise_cl_forwards() -> int", [] { return dw_cl_forwards.load(); });
   // Backward calls so far that ran the B16 loops (gv_rows_cl, gb_rows_cl: AVX-512, float32,
-  // stride 1, dilation 1, zero padding, 16-channel multiples, no mid transform; also off with
-  // BSCONV_CPU_NO_DW_CL=1).
+  // stride 1 or 2, dilation 1, zero padding, 16-channel multiples, no mid transform; also off
+  // with BSCONV_CPU_NO_DW_CL=1).
   m.def("cpu_depthwise_cl_backwards() -> int", [] { return dw_cl_backwards.load(); });
   // Output bytes from which a float forward writes its channels-last output by streaming stores
   // (stream_output: a core's L2 size; -1: never, BSCONV_CPU_STREAM_STORES=0; 0: always, =1).

@@ -1592,35 +1592,41 @@ void depthwise_rows_cl(const DwClArgs<O>& a) {
 #endif
 }
 
-// --- backward on B16 rows (AVX-512): stride 1, dilation 1 ---
+// --- backward on B16 rows (AVX-512): stride 1 or 2, dilation 1 ---
 //
-// The backward's counterparts of the B16 forward, for stride-1 layers the forward's B16 loops
-// take (zero padding, no mid transform, Kw 3, 5 or 7, channel counts in whole 16-lane
-// vectors). act(v) and gy rows are B16 rows (whole-vector copies, or 16 x 16 register
+// The backward's counterparts of the B16 forward, for the layers the forward's B16 loops take
+// (float32 here; zero padding, no mid transform, Kw 3, 5 or 7, channel counts in whole
+// 16-lane vectors). act(v) and gy rows are B16 rows (whole-vector copies, or 16 x 16 register
 // transposes of NCHW gy rows), and:
-// - the transposed depthwise (gv_rows_cl) runs a sliding window per 16-channel vector: a tile
-//   of U pixels keeps its accumulators and one tap row in registers while each gy pixel is
-//   loaded once for the Kw taps that read it, and stores gv straight into the channels-last
-//   rows the GEMMs read (the B8 loops wrote B8 rows, then copied them to channels-last);
+// - the transposed depthwise (gv_rows_cl) runs a sliding window per 16-channel vector and
+//   phase of v columns (stride 2: the even and the odd columns, each read by every other
+//   tap): a tile of U pixels keeps its accumulators and the phase's taps of one tap row in
+//   registers while each gy pixel is loaded once for the taps that read it, and stores gv
+//   straight into the channels-last rows the GEMMs read (the B8 loops wrote B8 rows, then
+//   copied them to channels-last);
 // - the blueprint correlation (gb_rows_cl) keeps a tile of 8 gy pixels in registers while
-//   each act(v) pixel is loaded once for its Kw taps (the B8 loops loaded both per
-//   multiply-add).
-// Both sum every output's terms in the B8 AVX-512 loops' order (gv: zero, then gy row by gy
-// row in tap-row order, each over kw ascending; gb: per (gy row, act row) pair the even and
-// the odd output columns into two sums, then gb += even + odd, pairs in output-row order), so
-// the results are the same bit for bit.
+//   each act(v) pixel is loaded once for its taps (the B8 loops loaded both per
+//   multiply-add; stride 2 ran the AVX2 loop).
+// Both sum every output's terms in the B8 loops' order (gv: zero, then gy row by gy row in
+// tap-row order, each over kw ascending; gb: per (gy row, act row) pair the even and the odd
+// output columns into two sums, then gb += even + odd, pairs in output-row order), so the
+// results are the same bit for bit.
 
 struct GvClArgs {
-  int64_t rows;               // v rows, consecutive in `out`
-  const float* const* g;      // [rows * Kh]: v row i's nk[i] gy rows, B16; pixel c reads tap
-                              // kw at g[(c + Kw - 1 - kw) * 16] (padded with zeros)
-  const int64_t* nk;          // [rows]
-  const int64_t* khs;         // [rows * Kh]: the tap rows of those gy rows
-  int64_t Kh, Kw, W, gcbs;
-  int64_t lanes;              // a multiple of 16
-  const float* taps;          // taps[(kh * Kw + kw) * ts + n]
+  int64_t rows;           // v rows, consecutive in `out`
+  const float* const* g;  // [rows * Kh]: v row i's nk[i] gy rows (B16, padded column 0)
+  const int64_t* nk;      // [rows]
+  const int64_t* khs;     // [rows * Kh]: the tap rows of those gy rows
+  int64_t Kh, Kw, sw, W, gcbs;
+  // Per phase of v columns (c = phase + sw * t) its taps kw (ascending; sw apart) and the
+  // padded gy column t + off each reads (as GvArgs: [sw], [sw * Kw], [sw * Kw]).
+  const int64_t* ph_n;
+  const int64_t* ph_kw;
+  const int64_t* ph_off;
+  int64_t lanes;          // a multiple of 16
+  const float* taps;      // taps[(kh * Kw + kw) * ts + n]
   int64_t ts;
-  float* out;                 // gv(row i, column c, n) at out[(i * W + c) * ops + n]
+  float* out;             // gv(row i, column c, n) at out[(i * W + c) * ops + n]
   int64_t ops;
 };
 
@@ -1629,73 +1635,98 @@ struct GbClArgs {
   const float* const* g;  // [pairs]: gy rows (B16; gy column 0)
   const float* const* a;  // [pairs]: act(v) rows (B16; padded column 0)
   const int64_t* kh;      // [pairs]: the tap row joining them
-  int64_t gcbs, acbs, Kw, Wo;
+  int64_t gcbs, acbs, Kw, sw, Wo;
   int64_t lanes;  // a multiple of 16
-  float* gb;      // gb[(kh * Kw + kw) * gbs + n] += sum_ow gy[ow][n] * a[ow + kw][n]
+  float* gb;      // gb[(kh * Kw + kw) * gbs + n] += sum_ow gy[ow][n] * a[ow * sw + kw][n]
   int64_t gbs;
 };
 
 // Whether the backward's B16 loops take a layer (with float data, zero padding, no mid
 // transform and whole 16-lane channel vectors; callers check depthwise_cl_enabled()).
 inline bool bwd_cl_shape(int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t Kh, int64_t Kw) {
-  return sh == 1 && sw == 1 && dh == 1 && dw == 1 && Kh <= kMaxK &&
+  return (sh == 1 || sh == 2) && (sw == 1 || sw == 2) && dh == 1 && dw == 1 && Kh <= kMaxK &&
          (Kw == 3 || Kw == 5 || Kw == 7);
 }
 
 #if BSCONV_X86_AVX2
-template <int KW, int U>
+// U pixels t .. t + U - 1 of one phase (v column phase + sw * t): the phase's NT taps
+// tp[i * tstep] (kw ascending), tap i of pixel t + u read at g[(t + u + NT - 1 - i) * 16]
+// (consecutive taps of a phase read neighbouring gy columns), outputs o[(t + u) * ostep].
+template <int NT, int U>
 BSCONV_AVX512 inline __attribute__((always_inline)) void gvcl_tile_avx512(
-    const GvClArgs& a, const float* const* g, const int64_t* khs, int64_t nk, int64_t c,
-    float* o, int64_t j) {
+    const float* const* g, const int64_t* khs, int64_t nk, const float* tp, int64_t tkh,
+    int64_t tstep, float* o, int64_t ostep, int64_t t) {
   __m512 acc[U];
 #pragma GCC unroll 16
   for (int u = 0; u < U; ++u) acc[u] = _mm512_setzero_ps();
   for (int64_t i = 0; i < nk; ++i) {
-    __m512 t[KW];
-    const float* tp = a.taps + khs[i] * KW * a.ts + c;
+    __m512 tv[NT];
+    const float* ti = tp + khs[i] * tkh;
 #pragma GCC unroll 8
-    for (int k = 0; k < KW; ++k) t[k] = _mm512_loadu_ps(tp + k * a.ts);
-    const float* p = g[i] + j * 16;
+    for (int k = 0; k < NT; ++k) tv[k] = _mm512_loadu_ps(ti + k * tstep);
+    const float* p = g[i] + t * 16;
     asm("" : "+r"(p));  // (as in dwcl_tile_avx512)
-    // Pixels from the right: output u reads pixel u + Kw - 1 - kw, so each output meets its
-    // taps in kw order.
+    // Pixels from the right: each output meets its taps in kw order.
 #pragma GCC unroll 40
-    for (int q = U + KW - 2; q >= 0; --q) {
+    for (int q = U + NT - 2; q >= 0; --q) {
       __m512 v = _mm512_load_ps(p + q * 16);
       asm("" : "+v"(v));
 #pragma GCC unroll 8
-      for (int kw = 0; kw < KW; ++kw) {
-        const int u = q - (KW - 1 - kw);
-        if (u >= 0 && u < U) acc[u] = _mm512_fmadd_ps(t[kw], v, acc[u]);
+      for (int k = 0; k < NT; ++k) {
+        const int u = q - (NT - 1 - k);
+        if (u >= 0 && u < U) acc[u] = _mm512_fmadd_ps(tv[k], v, acc[u]);
       }
     }
   }
-  float* d = o + j * a.ops + c;
 #pragma GCC unroll 16
-  for (int u = 0; u < U; ++u) _mm512_storeu_ps(d + u * a.ops, acc[u]);
+  for (int u = 0; u < U; ++u) _mm512_storeu_ps(o + (t + u) * ostep, acc[u]);
 }
 
-template <int KW>
-BSCONV_AVX512 inline void gvcl_avx512_k(const GvClArgs& a) {
+template <int NT>
+BSCONV_AVX512 inline void gvcl_phase_avx512(const float* const* g, const int64_t* khs,
+                                            int64_t nk, const float* tp, int64_t tkh,
+                                            int64_t tstep, float* o, int64_t ostep, int64_t T) {
+  int64_t t = 0;
+  for (; t + 16 <= T; t += 16) gvcl_tile_avx512<NT, 16>(g, khs, nk, tp, tkh, tstep, o, ostep, t);
+  if (t + 8 <= T) gvcl_tile_avx512<NT, 8>(g, khs, nk, tp, tkh, tstep, o, ostep, t), t += 8;
+  if (t + 4 <= T) gvcl_tile_avx512<NT, 4>(g, khs, nk, tp, tkh, tstep, o, ostep, t), t += 4;
+  if (t + 2 <= T) gvcl_tile_avx512<NT, 2>(g, khs, nk, tp, tkh, tstep, o, ostep, t), t += 2;
+  if (t < T) gvcl_tile_avx512<NT, 1>(g, khs, nk, tp, tkh, tstep, o, ostep, t);
+}
+
+BSCONV_AVX512 inline void gvcl_avx512(const GvClArgs& a) {
   const float* gc[kMaxK];
   for (int64_t c = 0; c < a.lanes; c += 16) {
     for (int64_t i = 0; i < a.rows; ++i) {
       const int64_t nk = a.nk[i];
       const int64_t* khs = a.khs + i * a.Kh;
-      for (int64_t q = 0; q < nk; ++q) gc[q] = a.g[i * a.Kh + q] + (c / 16) * a.gcbs;
-      float* o = a.out + i * a.W * a.ops;
-      int64_t j = 0;
-      for (; j + 16 <= a.W; j += 16) gvcl_tile_avx512<KW, 16>(a, gc, khs, nk, c, o, j);
-      if (j + 8 <= a.W) gvcl_tile_avx512<KW, 8>(a, gc, khs, nk, c, o, j), j += 8;
-      if (j + 4 <= a.W) gvcl_tile_avx512<KW, 4>(a, gc, khs, nk, c, o, j), j += 4;
-      if (j + 2 <= a.W) gvcl_tile_avx512<KW, 2>(a, gc, khs, nk, c, o, j), j += 2;
-      if (j < a.W) gvcl_tile_avx512<KW, 1>(a, gc, khs, nk, c, o, j);
+      for (int64_t phase = 0; phase < std::min(a.sw, a.W); ++phase) {
+        const int64_t n = a.ph_n[phase];
+        const int64_t* kws = a.ph_kw + phase * a.Kw;
+        const int64_t base = a.ph_off[phase * a.Kw + n - 1];  // the last tap's (smallest)
+        for (int64_t q = 0; q < nk; ++q) {
+          gc[q] = a.g[i * a.Kh + q] + (c / 16) * a.gcbs + base * 16;
+        }
+        const float* tp = a.taps + kws[0] * a.ts + c;
+        float* o = a.out + (i * a.W + phase) * a.ops + c;
+        const int64_t T = ceil_div(a.W - phase, a.sw), tkh = a.Kw * a.ts, tstep = a.sw * a.ts;
+        const int64_t ostep = a.sw * a.ops;
+        switch (n) {
+          case 1: gvcl_phase_avx512<1>(gc, khs, nk, tp, tkh, tstep, o, ostep, T); break;
+          case 2: gvcl_phase_avx512<2>(gc, khs, nk, tp, tkh, tstep, o, ostep, T); break;
+          case 3: gvcl_phase_avx512<3>(gc, khs, nk, tp, tkh, tstep, o, ostep, T); break;
+          case 4: gvcl_phase_avx512<4>(gc, khs, nk, tp, tkh, tstep, o, ostep, T); break;
+          case 5: gvcl_phase_avx512<5>(gc, khs, nk, tp, tkh, tstep, o, ostep, T); break;
+          case 6: gvcl_phase_avx512<6>(gc, khs, nk, tp, tkh, tstep, o, ostep, T); break;
+          default: gvcl_phase_avx512<7>(gc, khs, nk, tp, tkh, tstep, o, ostep, T); break;
+        }
+      }
     }
   }
 }
 
 // U gy columns from j (j even) of one pair: even columns into E, odd ones into O.
-template <int KW, int U>
+template <int KW, int SW, int U>
 BSCONV_AVX512 inline __attribute__((always_inline)) void gbcl_tile_avx512(const float* g,
                                                                           const float* v,
                                                                           int64_t j, __m512* E,
@@ -1703,16 +1734,17 @@ BSCONV_AVX512 inline __attribute__((always_inline)) void gbcl_tile_avx512(const 
   __m512 gy[U];
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) gy[u] = _mm512_load_ps(g + (j + u) * 16);
-  const float* p = v + j * 16;
+  const float* p = v + j * SW * 16;
   asm("" : "+r"(p));
-#pragma GCC unroll 16
-  for (int q = 0; q < U + KW - 1; ++q) {
+#pragma GCC unroll 24
+  for (int q = 0; q < SW * (U - 1) + KW; ++q) {
     __m512 x = _mm512_load_ps(p + q * 16);
     asm("" : "+v"(x));
 #pragma GCC unroll 8
     for (int kw = 0; kw < KW; ++kw) {
-      const int u = q - kw;  // column j + u meets tap kw at act pixel j + q
-      if (u < 0 || u >= U) continue;
+      // column j + u meets tap kw at act pixel SW * (j + u) + kw
+      if (q < kw || (q - kw) % SW != 0 || (q - kw) / SW >= U) continue;
+      const int u = (q - kw) / SW;
       if (u % 2 == 0) {
         E[kw] = _mm512_fmadd_ps(gy[u], x, E[kw]);
       } else {
@@ -1722,16 +1754,16 @@ BSCONV_AVX512 inline __attribute__((always_inline)) void gbcl_tile_avx512(const 
   }
 }
 
-template <int KW, int R = 7>
+template <int KW, int SW, int R = 7>
 BSCONV_AVX512 inline __attribute__((always_inline)) void gbcl_tail_avx512(
     const float* g, const float* v, int64_t j, int64_t rest, __m512* E, __m512* O) {
   if constexpr (R >= 1) {
-    if (rest == R) return gbcl_tile_avx512<KW, R>(g, v, j, E, O);
-    gbcl_tail_avx512<KW, R - 1>(g, v, j, rest, E, O);
+    if (rest == R) return gbcl_tile_avx512<KW, SW, R>(g, v, j, E, O);
+    gbcl_tail_avx512<KW, SW, R - 1>(g, v, j, rest, E, O);
   }
 }
 
-template <int KW>
+template <int KW, int SW>
 BSCONV_AVX512 inline void gbcl_avx512_k(const GbClArgs& a) {
   for (int64_t c = 0; c < a.lanes; c += 16) {
     for (int64_t i = 0; i < a.pairs; ++i) {
@@ -1741,8 +1773,8 @@ BSCONV_AVX512 inline void gbcl_avx512_k(const GbClArgs& a) {
 #pragma GCC unroll 8
       for (int k = 0; k < KW; ++k) E[k] = O[k] = _mm512_setzero_ps();
       int64_t j = 0;
-      for (; j + 8 <= a.Wo; j += 8) gbcl_tile_avx512<KW, 8>(g, v, j, E, O);
-      if (j < a.Wo) gbcl_tail_avx512<KW>(g, v, j, a.Wo - j, E, O);
+      for (; j + 8 <= a.Wo; j += 8) gbcl_tile_avx512<KW, SW, 8>(g, v, j, E, O);
+      if (j < a.Wo) gbcl_tail_avx512<KW, SW>(g, v, j, a.Wo - j, E, O);
       float* o = a.gb + a.kh[i] * KW * a.gbs + c;
 #pragma GCC unroll 8
       for (int k = 0; k < KW; ++k) {
@@ -1781,11 +1813,7 @@ BSCONV_AVX512 inline void cm_to_b16_avx512(const float* src, int64_t sld, int64_
 // and bwd_cl_shape() first.
 inline void gv_rows_cl(const GvClArgs& a) {
 #if BSCONV_X86_AVX2
-  switch (a.Kw) {
-    case 3: return gvcl_avx512_k<3>(a);
-    case 5: return gvcl_avx512_k<5>(a);
-    default: return gvcl_avx512_k<7>(a);
-  }
+  return gvcl_avx512(a);
 #else
   (void)a;
   std::abort();  // unreachable: depthwise_cl_enabled() is false off x86-64
@@ -1793,10 +1821,11 @@ inline void gv_rows_cl(const GvClArgs& a) {
 }
 inline void gb_rows_cl(const GbClArgs& a) {
 #if BSCONV_X86_AVX2
+  const bool s2 = a.sw == 2;
   switch (a.Kw) {
-    case 3: return gbcl_avx512_k<3>(a);
-    case 5: return gbcl_avx512_k<5>(a);
-    default: return gbcl_avx512_k<7>(a);
+    case 3: return s2 ? gbcl_avx512_k<3, 2>(a) : gbcl_avx512_k<3, 1>(a);
+    case 5: return s2 ? gbcl_avx512_k<5, 2>(a) : gbcl_avx512_k<5, 1>(a);
+    default: return s2 ? gbcl_avx512_k<7, 2>(a) : gbcl_avx512_k<7, 1>(a);
   }
 #else
   (void)a;
