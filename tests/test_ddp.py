@@ -15,6 +15,7 @@ headroom, while a missing or doubled half-batch is an O(1) difference.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 from typing import Dict, List
 
@@ -76,6 +77,10 @@ def train(model: nn.Module, xs: List[torch.Tensor], ys: List[torch.Tensor],
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
+    # A rank that aborts (the rare "terminate called without an active exception" below) then
+    # prints every thread's Python stack to its stderr, which the failing test shows: where it
+    # was, for the next time.
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     # Rendezvous through a file in the test's own directory, not a TCP port picked free
     # beforehand, which another process can take before rank 0's store binds it. (One clean-clone
