@@ -674,6 +674,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
     // B16: per v row of an image its gy rows and tap rows; the (gy row, act row) pairs.
     std::vector<const float*> g16(b16 ? plan.nr * g.Kh : 0), gb_g, gb_a;
     std::vector<int64_t> n16(b16 ? plan.nr : 0), k16(b16 ? plan.nr * g.Kh : 0), gb_k;
+    std::vector<const float*> bias_rows(b16 ? orows_max : 0);
     if (b16) {
       const int64_t pairs_max = orows_max * g.Kh;
       gb_g.resize(pairs_max), gb_a.resize(pairs_max), gb_k.resize(pairs_max);
@@ -771,7 +772,19 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
             gy_hi = oh_hi;
           }
           if (out.bias != nullptr) {
-            add_gy_rows(g, gy, cl, b, orow(band), orow(band + 1), part + lay.bias);
+            const int64_t o0 = orow(band), o1 = orow(band + 1);
+            bool summed = false;
+            if constexpr (is_float) {
+              // B16: from the gy rows just loaded (the same sums, see bias_b16_rows), when
+              // they hold all of the band's rows (large bottom or top padding may leave output
+              // rows no v row of the band is read by).
+              if (b16 && o0 < o1 && o0 >= oh_lo && o1 - 1 <= oh_hi) {
+                for (int64_t oh = o0; oh < o1; ++oh) bias_rows[oh - o0] = grow(oh) + GL * 16;
+                bias_b16_rows(bias_rows.data(), o1 - o0, Wo, gcbs, N, !cl, part + lay.bias);
+                summed = true;
+              }
+            }
+            if (!summed) add_gy_rows(g, gy, cl, b, o0, o1, part + lay.bias);
           }
           bool b16_done = false;
           if constexpr (is_float) {

@@ -1785,6 +1785,76 @@ BSCONV_AVX512 inline void gbcl_avx512_k(const GbClArgs& a) {
   }
 }
 
+// The bias gradient's sums from B16 gy rows: acc[n] += the sum of Wo pixels of each of `nrows`
+// rows (rows[r]: column 0; channel-block stride cbs), for `lanes` channels (a multiple of 16),
+// in add_gy_rows's order: pixel by pixel over the rows (`by8` false: its channels-last order),
+// or (`by8`: its NCHW order, sum8) eight interleaved partial sums over the pixels of all the rows
+// in turn, the last count % 8 of them into the first, then ((s0+s1)+(s2+s3))+((s4+s5)+(s6+s7)).
+// The same sums in the same order, so the same bits; several channel vectors at a time keep
+// independent chains in flight (a pixel-ordered sum is one chain per channel).
+template <int NV>
+BSCONV_AVX512 inline void bias_b16_pixels_avx512(const float* const* rows, int64_t nrows,
+                                                 int64_t off, int64_t Wo, int64_t cbs,
+                                                 float* acc) {
+  __m512 a[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) a[v] = _mm512_loadu_ps(acc + v * 16);
+  for (int64_t r = 0; r < nrows; ++r) {
+    const float* p = rows[r] + off;
+    for (int64_t q = 0; q < Wo; ++q) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) a[v] = _mm512_add_ps(a[v], _mm512_load_ps(p + v * cbs + q * 16));
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + v * 16, a[v]);
+}
+
+BSCONV_AVX512 inline void bias_b16_rows_avx512(const float* const* rows, int64_t nrows,
+                                               int64_t Wo, int64_t cbs, int64_t lanes, bool by8,
+                                               float* acc) {
+  if (!by8) {
+    for (int64_t c = 0; c < lanes; c += 64) {
+      const int64_t off = (c / 16) * cbs;
+      switch (std::min<int64_t>(4, (lanes - c) / 16)) {
+        case 1: bias_b16_pixels_avx512<1>(rows, nrows, off, Wo, cbs, acc + c); break;
+        case 2: bias_b16_pixels_avx512<2>(rows, nrows, off, Wo, cbs, acc + c); break;
+        case 3: bias_b16_pixels_avx512<3>(rows, nrows, off, Wo, cbs, acc + c); break;
+        default: bias_b16_pixels_avx512<4>(rows, nrows, off, Wo, cbs, acc + c); break;
+      }
+    }
+    return;
+  }
+  const int64_t full = nrows * Wo / 8 * 8;
+  for (int64_t c = 0; c < lanes; c += 16) {
+    __m512 s8[8];
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) s8[k] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (int64_t r = 0; r < nrows; ++r) {
+      const float* p = rows[r] + (c / 16) * cbs;
+      int64_t q = 0;
+      // Whole groups of 8 pixels that start at a multiple of 8 in the run.
+      for (; q < Wo && i % 8 != 0 && i < full; ++q, ++i) {
+        s8[i % 8] = _mm512_add_ps(s8[i % 8], _mm512_load_ps(p + q * 16));
+      }
+      for (; q + 8 <= Wo && i + 8 <= full; q += 8, i += 8) {
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) s8[k] = _mm512_add_ps(s8[k], _mm512_load_ps(p + (q + k) * 16));
+      }
+      for (; q < Wo; ++q, ++i) {
+        const int k = i < full ? int(i % 8) : 0;
+        s8[k] = _mm512_add_ps(s8[k], _mm512_load_ps(p + q * 16));
+      }
+    }
+    const __m512 t = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s8[0], s8[1]),
+                                                 _mm512_add_ps(s8[2], s8[3])),
+                                   _mm512_add_ps(_mm512_add_ps(s8[4], s8[5]),
+                                                 _mm512_add_ps(s8[6], s8[7])));
+    _mm512_storeu_ps(acc + c, _mm512_add_ps(_mm512_loadu_ps(acc + c), t));
+  }
+}
+
 // Channel-major rows (row stride sld) -> B16 for `pixels` pixels of `lanes` channels (a
 // multiple of 16), 16 x 16 tiles transposed in registers.
 BSCONV_AVX512 inline void cm_to_b16_avx512(const float* src, int64_t sld, int64_t pixels,
@@ -1829,6 +1899,15 @@ inline void gb_rows_cl(const GbClArgs& a) {
   }
 #else
   (void)a;
+  std::abort();
+#endif
+}
+inline void bias_b16_rows(const float* const* rows, int64_t nrows, int64_t Wo, int64_t cbs,
+                          int64_t lanes, bool by8, float* acc) {
+#if BSCONV_X86_AVX2
+  return bias_b16_rows_avx512(rows, nrows, Wo, cbs, lanes, by8, acc);
+#else
+  (void)rows, (void)nrows, (void)Wo, (void)cbs, (void)lanes, (void)by8, (void)acc;
   std::abort();
 #endif
 }
