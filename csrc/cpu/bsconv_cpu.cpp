@@ -565,7 +565,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
   // else B8 rows for the B8 loops. The same sums in the same order either way.
   constexpr bool is_float = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
   const bool b16 = is_float && depthwise_cl_enabled() &&
-                   bwd_cl_shape(g.sh, g.sw, g.dh, g.dw, g.Kh, g.Kw) && g.mode == kZeros && !mid &&
+                   dw_cl_shape(g.sh, g.sw, g.dh, g.dw, g.Kh, g.Kw) && g.mode == kZeros && !mid &&
                    N % 16 == 0 && Np == N;
   if (b16) dw_cl_backwards.fetch_add(1, std::memory_order_relaxed);
   const int64_t lb = b16 ? 16 : kLanes;  // lanes of a channel block

@@ -1384,7 +1384,8 @@ struct DwClArgs {
   int64_t ocs;
 };
 
-// Whether depthwise_rows_cl takes a layer's forward: stride, dilation, kernel width.
+// Whether depthwise_rows_cl takes a layer's forward (and gv_rows_cl / gb_rows_cl its float32
+// backward): stride, dilation, kernel width.
 inline bool dw_cl_shape(int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t Kh, int64_t Kw) {
   return (sh == 1 || sh == 2) && (sw == 1 || sw == 2) && dh == 1 && dw == 1 && Kh <= kMaxK &&
          (Kw == 3 || Kw == 5 || Kw == 7);
@@ -1641,13 +1642,6 @@ struct GbClArgs {
   int64_t gbs;
 };
 
-// Whether the backward's B16 loops take a layer (with float data, zero padding, no mid
-// transform and whole 16-lane channel vectors; callers check depthwise_cl_enabled()).
-inline bool bwd_cl_shape(int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t Kh, int64_t Kw) {
-  return (sh == 1 || sh == 2) && (sw == 1 || sw == 2) && dh == 1 && dw == 1 && Kh <= kMaxK &&
-         (Kw == 3 || Kw == 5 || Kw == 7);
-}
-
 #if BSCONV_X86_AVX2
 // U pixels t .. t + U - 1 of one phase (v column phase + sw * t): the phase's NT taps
 // tp[i * tstep] (kw ascending), tap i of pixel t + u read at g[(t + u + NT - 1 - i) * 16]
@@ -1880,7 +1874,7 @@ BSCONV_AVX512 inline void cm_to_b16_avx512(const float* src, int64_t sld, int64_
 #endif
 
 // The backward's B16 loops (see GvClArgs): AVX-512 only; callers check depthwise_cl_enabled()
-// and bwd_cl_shape() first.
+// and dw_cl_shape() (the forward's B16 shapes) first.
 inline void gv_rows_cl(const GvClArgs& a) {
 #if BSCONV_X86_AVX2
   return gvcl_avx512(a);
