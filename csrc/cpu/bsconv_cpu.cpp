@@ -380,8 +380,8 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
             if (!stored) {
               // Channels-last y through obuf: streamed or converted below.
               depthwise_rows_cl(DwClArgs<acc_t>{nrow, rowp.data(), rcbs.data(), g.Kh, g.Kw, g.sw,
-                                                Wo, ncp, w.taps + n0, w.Np, w.bias + n0, outs.data(),
-                                                ncp, false, 0});
+                                                Wo, ncp, w.taps + n0, w.Np, w.bias + n0,
+                                                outs.data(), ncp, false, 0});
             }
           }
         } else {
@@ -643,7 +643,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
   const int64_t gcbs = orows_max * GWp * lb;  // channel-block stride of the gy rows
   // The bias gradient: band k sums the gy rows [orow(k), orow(k + 1)), a partition of [0, Ho)
   // (orow(k): the first output row that reads band k's first v row; rows no v row is read by
-  // belong to a neighbour). Those rows were just read into the B8 gy rows: cache-warm.
+  // belong to a neighbour). Those rows were just read into the B8 / B16 gy rows: cache-warm.
   auto orow = [&](int64_t band) -> int64_t {
     if (band <= 0) return 0;
     if (band >= plan.bands) return Ho;
@@ -660,9 +660,9 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
     Scratch<acc_t> gvb(kSlotBwdGvb, need_gv && !b16 ? P_max * Np : 0, false);
     Scratch<acc_t> GC(kSlotBwdGc, need_gv ? P_max * Np : 0, false);
     Scratch<acc_t> gU(kSlotBwdGu, S ? P_max * Mm : 0, false);
-    // gy rows (B8 or B16), a ring: output row oh in slot oh % orows_max. A band shares its first gy
-    // rows with the previous band of the image; when this worker ran that band, they are still
-    // in place (image gy_b, rows [gy_lo, gy_hi]) and only the rest is read.
+    // gy rows (B8 or B16), a ring: output row oh in slot oh % orows_max. A band shares its
+    // first gy rows with the previous band of the image; when this worker ran that band, they
+    // are still in place (image gy_b, rows [gy_lo, gy_hi]) and only the rest is read.
     Scratch<acc_t> Gy(kSlotBwdGy, orows_max * GWp * Np);  // zero: padding, lanes beyond N
     int64_t gy_b = -1, gy_lo = 0, gy_hi = -1;
     Scratch<acc_t> Xs(kSlotBwdX, !x_inplace ? P_max * M : 0, false);
@@ -672,13 +672,10 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
     Scratch<double> dsc(kSlotBwdDsc, Np, false), dsh(kSlotBwdDsh, Np, false);
     std::vector<const acc_t*> grows(g.Kh);
     // B16: per v row of an image its gy rows and tap rows; the (gy row, act row) pairs.
-    std::vector<const float*> g16(b16 ? plan.nr * g.Kh : 0), gb_g, gb_a;
-    std::vector<int64_t> n16(b16 ? plan.nr : 0), k16(b16 ? plan.nr * g.Kh : 0), gb_k;
+    const int64_t pairs_max = b16 ? orows_max * g.Kh : 0;
+    std::vector<const float*> g16(b16 ? plan.nr * g.Kh : 0), gb_g(pairs_max), gb_a(pairs_max);
+    std::vector<int64_t> n16(b16 ? plan.nr : 0), k16(b16 ? plan.nr * g.Kh : 0), gb_k(pairs_max);
     std::vector<const float*> bias_rows(b16 ? orows_max : 0);
-    if (b16) {
-      const int64_t pairs_max = orows_max * g.Kh;
-      gb_g.resize(pairs_max), gb_a.resize(pairs_max), gb_k.resize(pairs_max);
-    }
     std::vector<int64_t> khs(g.Kh);
     std::vector<TapEntry> rows_e;
     std::vector<acc_t> gtmp(N);
@@ -746,6 +743,23 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
           const int64_t oh_hi = std::min(Ho - 1, floor_div(r1 - 1 + g.pt, g.sh));
           // Padded column 0 of a gy row.
           auto grow = [&](int64_t oh) { return Gy.get() + (oh % orows_max) * GWp * lb; };
+          // f(oh, kh) for the gy rows that read v row lr of the band, tap rows ascending.
+          auto for_gy_rows = [&](int64_t lr, auto f) {
+            for (int64_t kh = 0; kh < g.Kh; ++kh) {
+              const int64_t t = r0 + lr + g.pt - kh * g.dh;
+              if (t >= 0 && t % g.sh == 0 && t / g.sh < Ho) f(t / g.sh, kh);
+            }
+          };
+          // f(oh, kh, r) for the (gy row oh, v row r) pairs joined by tap row kh, r in the band,
+          // in output-row order.
+          auto for_pairs = [&](auto f) {
+            for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
+              for (int64_t kh = 0; kh < g.Kh; ++kh) {
+                const int64_t r = oh * g.sh - g.pt + kh * g.dh;
+                if (r >= r0 && r < r1) f(oh, kh, r);
+              }
+            }
+          };
           const bool kept = gy_b == b && oh_lo >= gy_lo && oh_lo <= gy_hi + 1;
           for (int64_t oh = kept ? std::max(oh_lo, gy_hi + 1) : oh_lo; oh <= oh_hi; ++oh) {
             acc_t* d = grow(oh) + GL * lb;
@@ -792,12 +806,10 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
               if (need_gv) {
                 for (int64_t lr = 0; lr < rows; ++lr) {
                   int64_t nk = 0;
-                  for (int64_t kh = 0; kh < g.Kh; ++kh) {
-                    const int64_t t = r0 + lr + g.pt - kh;
-                    if (t < 0 || t % g.sh != 0 || t / g.sh >= Ho) continue;
-                    g16[lr * g.Kh + nk] = grow(t / g.sh);
+                  for_gy_rows(lr, [&](int64_t oh, int64_t kh) {
+                    g16[lr * g.Kh + nk] = grow(oh);
                     k16[lr * g.Kh + nk++] = kh;
-                  }
+                  });
                   n16[lr] = nk;
                 }
                 gv_rows_cl(GvClArgs{rows, g16.data(), n16.data(), k16.data(), g.Kh, g.Kw, g.sw,
@@ -806,15 +818,11 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
               }
               if (need_gb) {
                 int64_t np = 0;
-                for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
-                  for (int64_t kh = 0; kh < g.Kh; ++kh) {
-                    const int64_t r = oh * g.sh - g.pt + kh;
-                    if (r < r0 || r >= r1) continue;
-                    gb_g[np] = grow(oh) + GL * 16;
-                    gb_a[np] = act + (img * rows + r - r0) * Wa * 16;
-                    gb_k[np++] = kh;
-                  }
-                }
+                for_pairs([&](int64_t oh, int64_t kh, int64_t r) {
+                  gb_g[np] = grow(oh) + GL * 16;
+                  gb_a[np] = act + (img * rows + r - r0) * Wa * 16;
+                  gb_k[np++] = kh;
+                });
                 gb_rows_cl(GbClArgs{np, gb_g.data(), gb_a.data(), gb_k.data(), gcbs, acbs, g.Kw,
                                     g.sw, Wo, Np, gbt.get(), Np});
               }
@@ -824,12 +832,10 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
           if (need_gv && !b16_done) {
             for (int64_t lr = 0; lr < rows; ++lr) {
               int64_t nk = 0;
-              for (int64_t kh = 0; kh < g.Kh; ++kh) {
-                const int64_t t = r0 + lr + g.pt - kh * g.dh;
-                if (t < 0 || t % g.sh != 0 || t / g.sh >= Ho) continue;
-                grows[nk] = grow(t / g.sh);
+              for_gy_rows(lr, [&](int64_t oh, int64_t kh) {
+                grows[nk] = grow(oh);
                 khs[nk++] = kh;
-              }
+              });
               const GvArgs<acc_t> a{grows.data(), khs.data(),  nk,     gcbs,
                                     g.Kw,         g.sw,        W,      ph_n.data(),
                                     ph_kw.data(), ph_off.data(), Np,   w.taps,
@@ -838,24 +844,20 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
             }
           }
           if (need_gb && !b16_done) {
-            for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
-              for (int64_t kh = 0; kh < g.Kh; ++kh) {
-                const int64_t r = oh * g.sh - g.pt + kh * g.dh;
-                if (r < r0 || r >= r1) continue;
-                const GbArgs<acc_t> a{grow(oh) + GL * kLanes,
-                                      gcbs,
-                                      act + (img * rows + r - r0) * Wa * kLanes,
-                                      acbs,
-                                      g.Kw,
-                                      g.sw,
-                                      g.dw,
-                                      Wo,
-                                      Np,
-                                      gbt.get() + kh * g.Kw * Np,
-                                      Np};
-                blueprint_grad_row(a);
-              }
-            }
+            for_pairs([&](int64_t oh, int64_t kh, int64_t r) {
+              const GbArgs<acc_t> a{grow(oh) + GL * kLanes,
+                                    gcbs,
+                                    act + (img * rows + r - r0) * Wa * kLanes,
+                                    acbs,
+                                    g.Kw,
+                                    g.sw,
+                                    g.dw,
+                                    Wo,
+                                    Np,
+                                    gbt.get() + kh * g.Kw * Np,
+                                    Np};
+              blueprint_grad_row(a);
+            });
           }
           if (remapped) {
             // Pairs with at least one remapped axis (the in-image ones were done above).
