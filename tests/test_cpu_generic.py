@@ -30,7 +30,8 @@ def _cpu_has(*flags: str) -> bool:
 def _run(args: list[str], generic: bool, avx512: bool = True, bf16_gemm: bool = True,
          alias_split: bool | None = None,
          stream_stores: bool | None = None,
-         dw_cl: bool | None = None) -> subprocess.CompletedProcess:
+         dw_cl: bool | None = None,
+         bf16_cm: bool | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["BSCONV_CPU_GENERIC"] = "1" if generic else "0"
     env["BSCONV_CPU_NO_AVX512"] = "0" if avx512 else "1"
@@ -44,6 +45,9 @@ def _run(args: list[str], generic: bool, avx512: bool = True, bf16_gemm: bool = 
     env.pop("BSCONV_CPU_NO_DW_CL", None)
     if dw_cl is not None:
         env["BSCONV_CPU_NO_DW_CL"] = "0" if dw_cl else "1"
+    env.pop("BSCONV_CPU_NO_BF16_CM", None)
+    if bf16_cm is not None:
+        env["BSCONV_CPU_NO_BF16_CM"] = "0" if bf16_cm else "1"
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -318,7 +322,11 @@ def test_stream_store_switch_and_bits(tmp_path: Path) -> None:
 # 256 pixels (fewer, and small projections of NCHW x run proj_b8's B8 register tiles). Saves
 # per case the output, the float64 reference and how many forwards took the B16 loops.
 _DW_CL = r"""
-import sys, torch, bsconv_fused
+import os, sys
+# NCHW bfloat16 layers through the B16 loops too (test_bf16_nchw_channel_major_switch_and_bits
+# covers their channel-major path).
+os.environ["BSCONV_CPU_NO_BF16_CM"] = "1"
+import torch, bsconv_fused
 sys.path.insert(0, "tests")
 from helpers import make_problem
 out = []
@@ -477,3 +485,70 @@ def test_channels_last_backward_switch_and_bits(tmp_path: Path) -> None:
             # |terms| (m: 2^-22 in these runs); a missing or misplaced term moves a result by
             # ~m / 3000 or more.
             assert ((b.double() - r).abs() <= 2.0 ** -14 * m + 1e-30).all(), k
+
+
+# bfloat16 NCHW forwards (BSConv-U and -S, square and other kernels, paddings up to larger than
+# the kernel, channel counts that are not multiples of 16, tasks of several bands (the 120-wide
+# layer) and of channel chunks (B = 1)), their outputs, float64 references of the same bfloat16
+# inputs and whether forward_bf16_cm took them, saved to argv[1].
+_BF16_CM = r"""
+import sys, torch, bsconv_fused
+sys.path.insert(0, "tests")
+from helpers import make_problem
+out = []
+cases = [("u", 2, 12, 16, 9, 37, (3, 3), 1), ("u", 1, 24, 48, 9, 31, (5, 5), 2),
+         ("u", 3, 20, 32, 6, 6, (7, 7), 3), ("u", 1, 40, 160, 12, 23, (3, 5), (1, 2)),
+         ("s", 2, 32, 32, 11, 18, (5, 3), (2, 1)), ("u", 2, 48, 34, 8, 19, (3, 7), (0, 0)),
+         ("u", 1, 32, 16, 5, 62, (1, 3), (0, 1)), ("u", 2, 30, 10, 7, 7, (3, 3), (4, 4)),
+         ("u", 1, 64, 96, 40, 120, (3, 3), 1), ("s", 1, 64, 96, 40, 120, (3, 3), 1),
+         ("u", 1, 256, 256, 14, 14, (3, 3), 1), ("s", 2, 128, 64, 14, 14, (5, 5), 2)]
+ops = torch.ops.bsconv_fused
+for i, (v, B, M, N, H, W, K, pad) in enumerate(cases):
+    p = make_problem(v, B=B, M=M, N=N, mid=22, H=H, W=W, K=K, padding=pad, seed=i)
+    q = p.cast(torch.bfloat16, torch.contiguous_format, requires_grad=False)
+    if i == 0:
+        # Denormal outputs (tiny taps, no bias; the AMX GEMM flushes denormal inputs, so v is
+        # normal) and a NaN: rounded in the slow way (bf16x16_round_avx512)
+        q.x[1, :, 2:6, 4:20] *= 1e-20
+        q.dw_weight.mul_(1e-19)
+        q.dw_bias.zero_()
+        q.x[0, 3, 4, 5] = float("nan")
+    before = ops.cpu_bf16_cm_forwards()
+    with torch.no_grad():
+        y = q.fused()
+    taken = ops.cpu_bf16_cm_forwards() - before
+    ref = q.cast(torch.float64, requires_grad=False).reference().detach()
+    out += [y, ref, torch.tensor(taken)]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_bf16_nchw_channel_major_switch_and_bits(tmp_path: Path) -> None:
+    """BSCONV_CPU_NO_BF16_CM=1 sends bfloat16 NCHW x through the channels-last path; on an
+    AVX-512 CPU with the bfloat16 GEMM the default projects NCHW x in VNNI panels as it lies
+    and runs the depthwise by channel planes (cpu_bf16_cm_forwards counts those calls). The
+    micro-kernel sums each v value's products in the same order either way and both
+    depthwise loops sum bias, kh, kw in the same order with the same rounding, so the two runs
+    must give the same bits, NaNs and denormal outputs included (which vcvtneps2bf16 would
+    round otherwise than c10). BSConv-U outputs must also be within a bfloat16 rounding of
+    their float64 references (the inputs' exact products summed in float)."""
+    results = _runs_off_and_on(tmp_path, _BF16_CM, "bf16_cm")
+    n = 12
+    assert len(results[0]) == len(results[1]) == 3 * n
+    avx512 = _cpu_has("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl")
+    gemm = torch.ops.bsconv_fused.cpu_bf16_gemm()
+    for k in range(n):
+        y0, ref, taken0 = results[0][3 * k:3 * k + 3]
+        y1, _, taken1 = results[1][3 * k:3 * k + 3]
+        assert int(taken0) == 0, k
+        assert int(taken1) == (1 if avx512 and gemm else 0), k
+        assert y1.dtype == torch.bfloat16 and y1.shape == ref.shape and y1.is_contiguous()
+        assert torch.equal(y0.view(torch.int16), y1.view(torch.int16)), k
+        if k == 0:  # NaNs and denormals where the first layer has them
+            assert bool(y1.isnan().any()) and bool(((y1 != 0) & (y1.abs() < 1e-37)).any())
+        if k not in (0, 4, 9, 11):  # BSConv-S rounds u to bfloat16 between its GEMMs
+            # One bfloat16 rounding (eps / 2 relative) of the float sum, whose own error
+            # (products exact, at most a few hundred terms) is ~1e-6 of the output's scale.
+            err = (y1.double() - ref).abs()
+            tol = torch.finfo(torch.bfloat16).eps / 2 * ref.abs() + 1e-5 * ref.abs().max()
+            assert bool((err <= tol).all()), k

@@ -22,6 +22,8 @@ namespace {
 std::atomic<int64_t> dw_cl_forwards{0};
 // Backward calls (this process) that ran the B16 loops (gv_rows_cl, gb_rows_cl).
 std::atomic<int64_t> dw_cl_backwards{0};
+// bfloat16 forward calls (this process) that ran forward_bf16_cm.
+std::atomic<int64_t> bf16_cm_forwards{0};
 
 // ---------------------------------------------------------------------------------------------
 // The v rows a block of output rows reads, kept in a ring of S slots: a row computed for one
@@ -1121,7 +1123,7 @@ class PackedWeights {
   PackedWeights(const Geometry& g, const at::Tensor& pw1, const std::optional<at::Tensor>& pw2,
                 const at::Tensor& dwt, const std::optional<at::Tensor>& b,
                 const std::optional<at::Tensor>& s, const std::optional<at::Tensor>& t,
-                bool backward)
+                bool backward, bool bf16_panels = true)
       : p1_(pw1.contiguous()), p2_(pw2 ? pw2->contiguous() : at::Tensor()) {
     constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
     const int64_t N = g.N, Np = round_up(N, kLanes), KK = g.taps();
@@ -1224,7 +1226,7 @@ class PackedWeights {
     w_.w1n = panels_of(w_.w1, g.proj1_rows(), g.M, false, o_w1n);
     w_.w2n = panels_of(w_.w2, N, g.Mmid, false, o_w2n);
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (bf16_w1) {
+      if (bf16_w1 && bf16_panels) {
         // W1^T (M x rows) and BSConv-S's W2^T (Mmid x N) into VNNI panels, in parallel.
         const int64_t R = g.proj1_rows(), p1 = ceil_div(R, kPanel), s1 = bf16_panel_size(g.M);
         const int64_t p2 = pw2 ? ceil_div(N, kPanel) : 0, s2 = bf16_panel_size(g.Mmid);
@@ -1247,6 +1249,9 @@ class PackedWeights {
     }
   }
   const Weights<acc_t>& get() const { return w_; }
+  // The projection weights as given (dense): forward_bf16_cm's A operands.
+  const scalar_t* pw1() const { return p1_.const_data_ptr<scalar_t>(); }
+  const scalar_t* pw2() const { return p2_.defined() ? p2_.const_data_ptr<scalar_t>() : nullptr; }
 
  private:
   at::Tensor p1_, p2_;
@@ -1267,7 +1272,8 @@ class PackedWeights {
 // than kSmallProjK channels; as fast as the copy was, within 1-2%, without its x-sized
 // temporary), or its GEMMs read the channel-major rows (fewer channels: 3-10% faster than the
 // copy).
-// bfloat16 NCHW x on the bfloat16 GEMM (BSConv-U and -S): each block transposes its own x
+// bfloat16 NCHW x on the bfloat16 GEMM (BSConv-U and -S) where forward_bf16_cm does not take
+// it (stride 2, other paddings, a mid transform): each block transposes its own x
 // rows into channels-last scratch where at most this many chunks repeat that, in tasks of
 // single images; else the copy. Paired A/B on the Xeon (AMX) host, one thread, 32->64 112x112
 // B=8 (one chunk): 6.0 -> 5.6 ms; 512->512 14x14 B=8 (more chunks) with block transposes:
@@ -1282,6 +1288,132 @@ bool nchw_x_read_channels_last(const Geometry& g, const at::Tensor& x) {
   }
   if (x.scalar_type() != at::kFloat || g.subspace() || !use_panels(g, true)) return false;
   return (plan.chunks > 2 || plan.nb > 1) && !forward_image_tasks_cm(g, plan, threads);
+}
+
+// ---------------------------------------------------------------------------------------------
+// bfloat16 forward of NCHW x into NCHW y on channel-major rows (simd.h): per task (an image, a
+// band of output rows, a chunk of channels) the band's x rows with their halo go into VNNI
+// panels (vnni_pack), the bfloat16 micro-kernel computes v^T = W x (BSConv-S: u^T = W1 x,
+// rounded to bfloat16 into panels, then v^T = W2 u) with the weights as given as its A operand,
+// and the depthwise runs channel plane by channel plane into the NCHW y rows. The channels-last
+// path transposes x channels-last first (a copy of x, or per-block transposes) and writes NCHW y
+// by 16 x 16 register transposes. The results are the same bit for bit (the micro-kernel gives
+// each v value the same float sum with A and B swapped, and the depthwise sums in the B16 loops'
+// order; the tests compare the two paths, BSCONV_CPU_NO_BF16_CM=1 switching this one off).
+
+// True unless BSCONV_CPU_NO_BF16_CM is set to a non-zero value (which keeps the channels-last
+// path for NCHW bfloat16 x), on a CPU that runs the AVX-512 loops.
+inline bool bf16_cm_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("BSCONV_CPU_NO_BF16_CM");
+    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    return avx512_enabled();
+  }();
+  return on;
+}
+
+// Whether a bfloat16 forward of NCHW x (and so NCHW y) runs forward_bf16_cm: the bfloat16 GEMM
+// projects (bf16_forward_gemm), stride 1, dilation 1, zero padding, Kw 3, 5 or 7, no mid
+// transform.
+bool bf16_cm_forward(const Geometry& g) {
+  return bf16_cm_enabled() && bf16_forward_gemm(g) && g.sh == 1 && g.sw == 1 && g.dh == 1 &&
+         g.dw == 1 && g.mode == kZeros && !g.has_mid() && g.Kh <= kMaxK &&
+         (g.Kw == 3 || g.Kw == 5 || g.Kw == 7);
+}
+
+// A task's scratch (packed x rows, BSConv-S's u rows in float and packed, v rows) is kept within
+// this, half the 2 MiB L2 of a core of the AMX host, so that the depthwise reads v from L2.
+constexpr int64_t kCmTaskBytes = 1 << 20;
+
+struct CmPlan {
+  int64_t nc, chunks, band, bands;
+};
+
+CmPlan cm_plan(const Geometry& g, int64_t threads) {
+  const int64_t halo = g.Kh - 1;
+  auto row_bytes = [&](int64_t nc) {
+    return std::max<int64_t>(1, g.W * (2 * g.M + (g.subspace() ? 6 * g.Mmid : 0) + 4 * nc));
+  };
+  auto set_bands = [&](CmPlan& p, int64_t bands) {
+    p.bands = std::clamp<int64_t>(bands, 1, g.Ho);
+    p.band = ceil_div(g.Ho, p.bands);
+    p.bands = ceil_div(g.Ho, p.band);
+  };
+  CmPlan p{g.N, 1, g.Ho, 1};
+  // Fewer channels per task where even 8 output rows and their halo would not fit.
+  while (p.nc > 16 && row_bytes(p.nc) * (std::min<int64_t>(8, g.Ho) + halo) > kCmTaskBytes) {
+    p.nc = round_up(ceil_div(p.nc, 2), 16);
+  }
+  set_bands(p, ceil_div(g.Ho, std::max<int64_t>(1, kCmTaskBytes / row_bytes(p.nc) - halo)));
+  // Work for every thread: chunks of channels first (they recompute no halo rows), then bands;
+  // a small number of tasks made a multiple of the threads.
+  auto tasks = [&] { return g.B * p.bands * ceil_div(g.N, p.nc); };
+  while (tasks() < threads && p.nc > 16) p.nc = round_up(ceil_div(p.nc, 2), 16);
+  if (tasks() < 4 * threads && tasks() % threads != 0) {
+    const int64_t per_band = g.B * ceil_div(g.N, p.nc);
+    set_bands(p, ceil_div(round_up(tasks(), threads), per_band));
+  }
+  p.chunks = ceil_div(g.N, p.nc);
+  return p;
+}
+
+void forward_bf16_cm(const Geometry& g, const c10::BFloat16* x, const c10::BFloat16* w1,
+                     const c10::BFloat16* w2, const Weights<float>& w, c10::BFloat16* y) {
+  const bool S = g.subspace();
+  const int64_t threads = useful_threads(forward_flops(g));
+  const CmPlan plan = cm_plan(g, threads);
+  const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, M = g.M, N = g.N, C = g.Mmid;
+  const int64_t rows_max = std::min(H, plan.band + g.Kh - 1);
+  const int64_t P_max = round_up(rows_max * W, 16);
+  // The depthwise's zero-padded plane: the rows a band's outputs read, padding included, of
+  // whole 16-column vectors plus the kernel's width (dw_plane_bf16).
+  const int64_t ldz = round_up(round_up(Wo, 16) + g.Kw - 1, 16);
+  bf16_cm_forwards.fetch_add(1, std::memory_order_relaxed);
+  run_workers(g.B * plan.bands * plan.chunks, threads, [&](auto next) {
+    const Bf16GemmScope bf16_scope(true);
+    Scratch<c10::BFloat16> Xp(kSlotFwdXb, P_max * M, false);
+    Scratch<float> Ut(kSlotFwdU, S ? C * P_max : 0, false);
+    Scratch<c10::BFloat16> Up(kSlotFwdUb, S ? P_max * C : 0, false);
+    Scratch<float> Vt(kSlotFwdVt, plan.nc * P_max, false);
+    float taps[kMaxK * 7];
+    Scratch<float> Z(kSlotFwdZero, (plan.band + g.Kh - 1) * ldz, false);
+    for (int64_t task; (task = next()) >= 0;) {
+      const int64_t chunk = task % plan.chunks, rest = task / plan.chunks;
+      const int64_t b = rest / plan.bands, o0 = (rest % plan.bands) * plan.band;
+      const int64_t o1 = std::min(Ho, o0 + plan.band);
+      const int64_t n0 = chunk * plan.nc, ncur = std::min(plan.nc, N - n0);
+      // Image rows the band's outputs read (the rest is padding).
+      const int64_t r0 = std::clamp<int64_t>(o0 - g.pt, 0, H);
+      const int64_t r1 = std::clamp<int64_t>(o1 - 1 - g.pt + g.Kh, r0, H);
+      const int64_t R = r1 - r0, P = R * W;
+      if (P > 0) {
+        // One VNNI panel as wide as the block (ldb = Pp): the micro-kernel loops over its
+        // columns itself, where a call per kPanel columns costs more than its work.
+        const int64_t Pp = round_up(P, 16);
+        vnni_pack(reinterpret_cast<const uint16_t*>(x + (b * M * H + r0) * W), H * W, M, P,
+                      Pp, reinterpret_cast<uint16_t*>(Xp.get()));
+        if (S) {
+          gemm_bf16_wide(C, P, M, w1, M, Xp.get(), Pp, Ut.get(), P);
+          vnni_pack(Ut.get(), P, C, P, Pp, reinterpret_cast<uint16_t*>(Up.get()));
+          gemm_bf16_wide(ncur, P, C, w2 + n0 * C, C, Up.get(), Pp, Vt.get(), P);
+        } else {
+          gemm_bf16_wide(ncur, P, M, w1 + n0 * M, M, Xp.get(), Pp, Vt.get(), P);
+        }
+      }
+      // Each channel's rows into the padded plane, whose zeros (padding rows and columns) stay
+      // from one channel to the next.
+      const int64_t zrows = o1 - o0 + g.Kh - 1;
+      std::memset(Z.get(), 0, size_t(zrows * ldz) * sizeof(float));
+      float* z_img = Z.get() + (r0 - (o0 - g.pt)) * ldz + g.pl;  // image row r0, column 0
+      for (int64_t n = 0; n < ncur; ++n) {
+        for (int64_t k = 0; k < g.taps(); ++k) taps[k] = w.taps[k * w.Np + n0 + n];
+        copy_rows(Vt.get() + n * P, W, R, W, z_img, ldz);
+        dw_plane_bf16(DwPlaneArgs{Z.get(), ldz, g.Kh, taps, w.bias[n0 + n], o1 - o0, Wo,
+                                  y + ((b * N + n0 + n) * Ho + o0) * Wo},
+                      g.Kw);
+      }
+    }
+  });
 }
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
@@ -1306,6 +1438,14 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
     return y;
   }
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  if (!cl && x.scalar_type() == at::kBFloat16 && bf16_cm_forward(g)) {
+    const at::Tensor xc = standard_layout(x, fmt, kSlotInput);
+    const PackedWeights<c10::BFloat16, float> wt(g, pw1, pw2, dw, bias, scale, shift, false,
+                                                 false);
+    forward_bf16_cm(g, xc.const_data_ptr<c10::BFloat16>(), wt.pw1(), wt.pw2(), wt.get(),
+                    y.data_ptr<c10::BFloat16>());
+    return y;
+  }
   const bool x_cl = cl || nchw_x_read_channels_last(g, x);
   const at::Tensor xc =
       standard_layout(x, x_cl ? at::MemoryFormat::ChannelsLast : fmt, kSlotInput);
@@ -1429,6 +1569,10 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   // stride 1 or 2, dilation 1, zero padding, 16-channel multiples, no mid transform; also off
   // with BSCONV_CPU_NO_DW_CL=1).
   m.def("cpu_depthwise_cl_backwards() -> int", [] { return dw_cl_backwards.load(); });
+  // bfloat16 forward calls so far that projected NCHW x as it lies and wrote NCHW y by channel
+  // planes (forward_bf16_cm: AVX-512, the bfloat16 GEMM, stride 1, dilation 1, zero padding, no
+  // mid transform; BSCONV_CPU_NO_BF16_CM=1 turns it off).
+  m.def("cpu_bf16_cm_forwards() -> int", [] { return bf16_cm_forwards.load(); });
   // Output bytes from which a float forward writes its channels-last output by streaming stores
   // (stream_output: a core's L2 size; -1: never, BSCONV_CPU_STREAM_STORES=0; 0: always, =1).
   m.def("cpu_stream_threshold() -> int", [] { return stream_store_threshold(); });

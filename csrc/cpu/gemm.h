@@ -344,6 +344,18 @@ inline void gemm_bf16(int64_t m, int64_t n0, int64_t cols, int64_t k, const c10:
 #endif
 }
 
+// C[m][0 : n) = A[m][k] B[k][0 : n) in float, A bfloat16 row-major, B one VNNI panel of ldb
+// columns ([k / 2][ldb][2], n <= ldb), k even.
+inline void gemm_bf16_wide(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda,
+                           const c10::BFloat16* b, int64_t ldb, float* c, int64_t ldc) {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  TORCH_INTERNAL_ASSERT(k % 2 == 0 && n <= ldb, "bsconv_fused: bfloat16 GEMM with k = ", k);
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, false, a, b, c, true);
+#else
+  TORCH_INTERNAL_ASSERT(false, "bsconv_fused: no bfloat16 brgemm in this torch");
+#endif
+}
+
 // Releases the micro-kernel's hardware context (AMX tile state) of the calling thread when the
 // guard that used it goes out of scope.
 class Bf16GemmScope {

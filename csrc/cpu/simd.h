@@ -102,6 +102,22 @@ inline bool depthwise_cl_enabled() {
   return on;
 }
 
+// True when bfloat16 outputs are rounded by vcvtneps2bf16 where it gives c10's bits
+// (bf16x16_round_avx512): avx512_enabled(), the CPU has AVX-512 BF16, and BSCONV_CPU_NO_BF16_INSN
+// is not set to a non-zero value (which keeps the six-instruction rounding; same bits).
+inline bool bf16_insn_enabled() {
+  static const bool on = [] {
+#if BSCONV_X86_AVX2
+    const char* env = std::getenv("BSCONV_CPU_NO_BF16_INSN");
+    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    return avx512_enabled() && __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+  }();
+  return on;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Argument blocks.
 
@@ -1332,6 +1348,23 @@ BSCONV_AVX512 inline __m256i bf16x16_avx512(__m512 v) {
                                           _mm512_set1_epi32(0x7FC0));
   return _mm512_maskz_cvtepi32_epi16(all, r);
 }
+// The same rounding by vcvtneps2bf16 (AVX-512 BF16; inline assembly, so that the callers need
+// no target of their own) where no lane is a NaN or a denormal, which it would treat otherwise
+// than c10 (quieting NaNs with their payload, flushing denormals): the same bits, in one
+// instruction instead of six. kInsn false: bf16x16_avx512 only.
+template <bool kInsn>
+BSCONV_AVX512 inline __m256i bf16x16_round_avx512(__m512 v) {
+  if constexpr (kInsn) {
+    // fpclass 0xA1: quiet NaN (0x01), denormal (0x20), signaling NaN (0x80)
+    if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0xA1) == 0, 1)) {
+      __m256i r;
+      asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(v));
+      return r;
+    }
+  }
+  return bf16x16_avx512(v);
+}
+
 BSCONV_AVX512 inline void float_to_bf16_avx512(const float* s, c10::BFloat16* d, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -1553,6 +1586,197 @@ BSCONV_AVX512 inline void dwcl_avx512(const DwClArgs<O>& a) {
   }
 }
 #endif
+
+// --- bfloat16 NCHW forward on channel-major rows (AVX-512) ---
+//
+// An NCHW bfloat16 x is already the B operand of v^T = W x (k = input channels, columns =
+// pixels): the bfloat16 micro-kernel wants it in VNNI panels, each pair of channel rows
+// interleaved, which is a pass of 16-bit interleaves over rows read in order (instead of
+// transposing x channels-last). v^T comes out channel-major, so the depthwise runs per channel
+// plane along image rows and stores NCHW y rows directly (no transposes on either side).
+
+// One channel plane of the depthwise, stride 1, dilation 1, on a zero-padded copy of its v rows:
+// output row u < rows_out, column j < Wo is bias + sum over kh, kw of taps[kh * Kw + kw] *
+// v[(u + kh) * ldv + j + kw] (v from the first padding row and column the first output reads;
+// ldv >= round_up(Wo, 16) + Kw - 1, so that whole 16-column vectors are read without masks),
+// rounded to bfloat16 (c10's rounding) into o (row stride Wo). Each output sums bias, then kh,
+// then kw, as dwcl_tile_avx512 does (padding terms included, multiplied by zero), so the
+// results are those of the B16 loops bit for bit.
+struct DwPlaneArgs {
+  const float* v;
+  int64_t ldv, Kh;
+  const float* taps;  // this channel's taps[kh * Kw + kw]
+  float bias;
+  int64_t rows_out, Wo;
+  c10::BFloat16* o;
+};
+
+#if BSCONV_X86_AVX2
+// 16 bfloat16 values of a row, zeros in the lanes off mk: 16-bit words moved as they are, or
+// floats rounded (bf16x16_avx512, c10's rounding).
+BSCONV_AVX512 inline __m256i load_bf16x16_avx512(const uint16_t* p, __mmask16 mk) {
+  return _mm256_maskz_loadu_epi16(mk, p);
+}
+BSCONV_AVX512 inline __m256i load_bf16x16_avx512(const float* p, __mmask16 mk) {
+  return bf16x16_avx512(_mm512_maskz_loadu_ps(mk, p));
+}
+
+// Rows [0, k) (k even, row stride ld) of `cols` columns (16-bit words, or floats rounded to
+// bfloat16) into VNNI panels of pw columns (pw a multiple of 16): panel q at dst + q * k * pw
+// holds [k / 2][pw][2], element [m / 2][p][m % 2] = src[m][q * pw + p], zeros past cols.
+template <typename T>
+BSCONV_AVX512 inline void vnni_pack_avx512(const T* src, int64_t ld, int64_t k, int64_t cols,
+                                           int64_t pw, uint16_t* dst) {
+  const __mmask16 all = 0xFFFF;  // (zero-masked forms, as in bf16x16_avx512)
+  for (int64_t p0 = 0; p0 < cols; p0 += pw) {
+    uint16_t* d = dst + (p0 / pw) * k * pw;
+    for (int64_t m = 0; m < k; m += 2) {
+      const T* a = src + m * ld + p0;
+      for (int64_t p = 0; p < pw; p += 16) {
+        const int64_t n = cols - p0 - p;
+        const __mmask16 mk = n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? 0 : __mmask16((1u << n) - 1);
+        const __m512i lo = _mm512_maskz_cvtepu16_epi32(all, load_bf16x16_avx512(a + p, mk));
+        const __m512i hi = _mm512_maskz_cvtepu16_epi32(all, load_bf16x16_avx512(a + ld + p, mk));
+        _mm512_storeu_si512(d + (m * pw + 2 * p),
+                            _mm512_or_si512(lo, _mm512_maskz_slli_epi32(all, hi, 16)));
+      }
+    }
+  }
+}
+
+// Rows [0, rows) of `cols` floats (row stride sld) to dst (row stride dld).
+BSCONV_AVX512 inline void copy_rows_avx512(const float* src, int64_t sld, int64_t rows,
+                                           int64_t cols, float* dst, int64_t dld) {
+  const __mmask16 tail = __mmask16((1u << (cols % 16)) - 1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = src + r * sld;
+    float* d = dst + r * dld;
+    int64_t c = 0;
+    for (; c + 16 <= cols; c += 16) _mm512_storeu_ps(d + c, _mm512_loadu_ps(a + c));
+    if (tail != 0) _mm512_mask_storeu_ps(d + c, tail, _mm512_maskz_loadu_ps(tail, a + c));
+  }
+}
+
+// Blocks of RB output rows of one 16-column vector: RB independent sums (a single one would
+// wait on each multiply-add's latency). Square kernels (KH = KW = 3, 5 or 7) run fully unrolled
+// with the input rows driving, so that each input row's KW shifted vectors are loaded once for
+// the (up to KH) outputs of the block that read it, and 3 x 3 taps stay in registers; other
+// kernels (KH = 0: runtime Kh) load a row's vectors once per output. Each output sums its kh,
+// and within a kh its kw, in ascending order. The loads are plain ones from the padded copy:
+// masked loads take a slot of the vector ports the multiply-adds run on (which made this loop
+// about 15% slower on the AMX host), as does c10's rounding (bf16x16_round_avx512).
+template <int KH, int KW, bool kInsn>
+BSCONV_AVX512 inline void dw_plane_bf16_avx512(const DwPlaneArgs& a) {
+  constexpr int RB = 8;
+  constexpr int NR = KH > 0 ? RB + KH - 1 : RB + kMaxK - 1;  // input rows of a block
+  constexpr bool hoist = KH > 0 && KH * KW <= 9;
+  const float* const taps = a.taps;
+  const int64_t ldv = a.ldv, Kh = KH > 0 ? KH : a.Kh;
+  __m512 tr[hoist ? KH * KW : 1];
+  if constexpr (hoist) {
+#pragma GCC unroll 16
+    for (int k = 0; k < KH * KW; ++k) tr[k] = _mm512_set1_ps(taps[k]);
+  }
+  for (int64_t j0 = 0; j0 < a.Wo; j0 += 16) {
+    const __mmask16 out_mask = __mmask16((1u << std::min<int64_t>(16, a.Wo - j0)) - 1);
+    for (int64_t ib = 0; ib < a.rows_out; ib += RB) {
+      const int64_t nr = std::min<int64_t>(RB, a.rows_out - ib);
+      const float* p = a.v + ib * ldv + j0;
+      const float* rp[NR];
+#pragma GCC unroll 16
+      for (int64_t rr = 0; rr < RB + Kh - 1; ++rr) rp[rr] = p + rr * ldv;
+      __m512 acc[RB];
+#pragma GCC unroll 8
+      for (int u = 0; u < RB; ++u) acc[u] = _mm512_set1_ps(a.bias);
+      if constexpr (KH > 0) {
+#pragma GCC unroll 16
+        for (int rr = 0; rr < NR; ++rr) {
+          __m512 xs[KW];
+#pragma GCC unroll 8
+          for (int kw = 0; kw < KW; ++kw) xs[kw] = _mm512_loadu_ps(rp[rr] + kw);
+#pragma GCC unroll 8
+          for (int u = 0; u < RB; ++u) {
+            const int kh = rr - u;
+            if (kh < 0 || kh >= KH) continue;
+#pragma GCC unroll 8
+            for (int kw = 0; kw < KW; ++kw) {
+              const int k = kh * KW + kw;
+              const __m512 t = hoist ? tr[hoist ? k : 0] : _mm512_set1_ps(taps[k]);
+              acc[u] = _mm512_fmadd_ps(t, xs[kw], acc[u]);
+            }
+          }
+        }
+      } else {
+        for (int64_t kh = 0; kh < Kh; ++kh) {
+#pragma GCC unroll 8
+          for (int u = 0; u < RB; ++u) {
+#pragma GCC unroll 8
+            for (int kw = 0; kw < KW; ++kw) {
+              const __m512 x = _mm512_loadu_ps(rp[u + kh] + kw);
+              acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(taps[kh * KW + kw]), x, acc[u]);
+            }
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int u = 0; u < RB; ++u) {
+        if (u < nr) {
+          _mm256_mask_storeu_epi16(a.o + (ib + u) * a.Wo + j0, out_mask,
+                                   bf16x16_round_avx512<kInsn>(acc[u]));
+        }
+      }
+    }
+  }
+}
+
+template <bool kInsn>
+BSCONV_AVX512 inline void dw_plane_bf16_k(const DwPlaneArgs& a, int64_t Kw) {
+  if (a.Kh == Kw) {
+    switch (Kw) {
+      case 3: return dw_plane_bf16_avx512<3, 3, kInsn>(a);
+      case 5: return dw_plane_bf16_avx512<5, 5, kInsn>(a);
+      default: return dw_plane_bf16_avx512<7, 7, kInsn>(a);
+    }
+  }
+  switch (Kw) {
+    case 3: return dw_plane_bf16_avx512<0, 3, kInsn>(a);
+    case 5: return dw_plane_bf16_avx512<0, 5, kInsn>(a);
+    default: return dw_plane_bf16_avx512<0, 7, kInsn>(a);
+  }
+}
+#endif
+
+// Callers check avx512_enabled() (and Kw 3, 5 or 7 for dw_plane_bf16) first.
+template <typename T>  // uint16_t (bfloat16 bits) or float
+inline void vnni_pack(const T* src, int64_t ld, int64_t k, int64_t cols, int64_t pw,
+                      uint16_t* dst) {
+#if BSCONV_X86_AVX2
+  vnni_pack_avx512(src, ld, k, cols, pw, dst);
+#else
+  (void)src, (void)ld, (void)k, (void)cols, (void)pw, (void)dst;
+  std::abort();  // unreachable: avx512_enabled() is false off x86-64
+#endif
+}
+
+inline void copy_rows(const float* src, int64_t sld, int64_t rows, int64_t cols, float* dst,
+                      int64_t dld) {
+#if BSCONV_X86_AVX2
+  copy_rows_avx512(src, sld, rows, cols, dst, dld);
+#else
+  (void)src, (void)sld, (void)rows, (void)cols, (void)dst, (void)dld;
+  std::abort();
+#endif
+}
+
+inline void dw_plane_bf16(const DwPlaneArgs& a, int64_t Kw) {
+#if BSCONV_X86_AVX2
+  if (bf16_insn_enabled()) return dw_plane_bf16_k<true>(a, Kw);
+  return dw_plane_bf16_k<false>(a, Kw);
+#else
+  (void)a, (void)Kw;
+  std::abort();
+#endif
+}
 
 // CL -> B16 (blocks of 16 channels, each a [pixel][16] array, block stride dcbs) for `pixels`
 // pixels of `lanes` channels, a multiple of 16.
