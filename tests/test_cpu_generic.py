@@ -502,9 +502,15 @@ cases = [("u", 2, 12, 16, 9, 37, (3, 3), 1), ("u", 1, 24, 48, 9, 31, (5, 5), 2),
          ("u", 1, 32, 16, 5, 62, (1, 3), (0, 1)), ("u", 2, 30, 10, 7, 7, (3, 3), (4, 4)),
          ("u", 1, 64, 96, 40, 120, (3, 3), 1), ("s", 1, 64, 96, 40, 120, (3, 3), 1),
          ("u", 1, 256, 256, 14, 14, (3, 3), 1), ("s", 2, 128, 64, 14, 14, (5, 5), 2)]
+# Stride 2 (square kernels; taken where the channels-last path would copy x): small images in
+# groups, a layer of several channel chunks, one of several bands, a kernel that is not square.
+cases += [("u", 3, 20, 32, 6, 6, (7, 7), 3, 2), ("u", 2, 256, 512, 28, 28, (3, 3), 1, 2),
+          ("s", 4, 64, 96, 9, 10, (5, 5), 2, 2), ("u", 1, 64, 96, 40, 120, (3, 3), 1, 2),
+          ("u", 1, 16, 16, 16, 16, (3, 5), 1, 2)]
 ops = torch.ops.bsconv_fused
-for i, (v, B, M, N, H, W, K, pad) in enumerate(cases):
-    p = make_problem(v, B=B, M=M, N=N, mid=22, H=H, W=W, K=K, padding=pad, seed=i)
+for i, (v, B, M, N, H, W, K, pad, *st) in enumerate(cases):
+    p = make_problem(v, B=B, M=M, N=N, mid=22, H=H, W=W, K=K, padding=pad,
+                     stride=st[0] if st else 1, seed=i)
     q = p.cast(torch.bfloat16, torch.contiguous_format, requires_grad=False)
     if i == 0:
         # Denormal outputs (tiny taps, no bias; the AMX GEMM flushes denormal inputs, so v is
@@ -526,29 +532,37 @@ torch.save(out, sys.argv[1])
 def test_bf16_nchw_channel_major_switch_and_bits(tmp_path: Path) -> None:
     """BSCONV_CPU_NO_BF16_CM=1 sends bfloat16 NCHW x through the channels-last path; on an
     AVX-512 CPU with the bfloat16 GEMM the default projects NCHW x in VNNI panels as it lies
-    and runs the depthwise by channel planes (cpu_bf16_cm_forwards counts those calls). The
+    and runs the depthwise by channel planes (cpu_bf16_cm_forwards counts those calls; stride
+    2 only where the channels-last path would copy x, at least two of these layers). The
     micro-kernel sums each v value's products in the same order either way and both
     depthwise loops sum bias, kh, kw in the same order with the same rounding, so the two runs
     must give the same bits, NaNs and denormal outputs included (which vcvtneps2bf16 would
     round otherwise than c10). BSConv-U outputs must also be within a bfloat16 rounding of
     their float64 references (the inputs' exact products summed in float)."""
     results = _runs_off_and_on(tmp_path, _BF16_CM, "bf16_cm")
-    n = 12
+    n = 17
     assert len(results[0]) == len(results[1]) == 3 * n
     avx512 = _cpu_has("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl")
     gemm = torch.ops.bsconv_fused.cpu_bf16_gemm()
+    stride2_taken = 0
     for k in range(n):
         y0, ref, taken0 = results[0][3 * k:3 * k + 3]
         y1, _, taken1 = results[1][3 * k:3 * k + 3]
         assert int(taken0) == 0, k
-        assert int(taken1) == (1 if avx512 and gemm else 0), k
+        if k < 12:
+            assert int(taken1) == (1 if avx512 and gemm else 0), k
+        elif k < 16:
+            stride2_taken += int(taken1)
+        else:
+            assert int(taken1) == 0, k  # stride 2 with a kernel that is not square
         assert y1.dtype == torch.bfloat16 and y1.shape == ref.shape and y1.is_contiguous()
         assert torch.equal(y0.view(torch.int16), y1.view(torch.int16)), k
         if k == 0:  # NaNs and denormals where the first layer has them
             assert bool(y1.isnan().any()) and bool(((y1 != 0) & (y1.abs() < 1e-37)).any())
-        if k not in (0, 4, 9, 11):  # BSConv-S rounds u to bfloat16 between its GEMMs
+        if k not in (0, 4, 9, 11, 14):  # BSConv-S rounds u to bfloat16 between its GEMMs
             # One bfloat16 rounding (eps / 2 relative) of the float sum, whose own error
             # (products exact, at most a few hundred terms) is ~1e-6 of the output's scale.
             err = (y1.double() - ref).abs()
             tol = torch.finfo(torch.bfloat16).eps / 2 * ref.abs() + 1e-5 * ref.abs().max()
             assert bool((err <= tol).all()), k
+    assert stride2_taken >= (2 if avx512 and gemm else 0)

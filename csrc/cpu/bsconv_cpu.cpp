@@ -1313,13 +1313,17 @@ inline bool bf16_cm_enabled() {
 }
 
 // Whether a bfloat16 forward of NCHW x (and so NCHW y) runs forward_bf16_cm: the bfloat16 GEMM
-// projects (bf16_forward_gemm), stride 1, dilation 1, zero padding, Kw 3, 5 or 7, no mid
-// transform.
+// projects (bf16_forward_gemm), stride 1 (or 2 along both axes with a square kernel),
+// dilation 1, zero padding, Kw 3, 5 or 7, no mid transform.
 bool bf16_cm_forward(const Geometry& g) {
-  return bf16_cm_enabled() && bf16_forward_gemm(g) && g.sh == 1 && g.sw == 1 && g.dh == 1 &&
-         g.dw == 1 && g.mode == kZeros && !g.has_mid() && g.Kh <= kMaxK &&
+  const bool stride = (g.sh == 1 && g.sw == 1) || (g.sh == 2 && g.sw == 2 && g.Kh == g.Kw);
+  return bf16_cm_enabled() && bf16_forward_gemm(g) && stride && g.dh == 1 && g.dw == 1 &&
+         g.mode == kZeros && !g.has_mid() && g.Kh <= kMaxK &&
          (g.Kw == 3 || g.Kw == 5 || g.Kw == 7);
 }
+
+// Image rows (padding included) that a band of `rows` output rows reads.
+inline int64_t cm_rows_in(const Geometry& g, int64_t rows) { return (rows - 1) * g.sh + g.Kh; }
 
 // A task's scratch (packed x rows, BSConv-S's u rows in float and packed, v rows) is kept within
 // this, half the 2 MiB L2 of a core of the AMX host, so that the depthwise reads v from L2.
@@ -1330,7 +1334,6 @@ struct CmPlan {
 };
 
 CmPlan cm_plan(const Geometry& g, int64_t threads) {
-  const int64_t halo = g.Kh - 1;
   auto row_bytes = [&](int64_t nc) {
     return std::max<int64_t>(1, g.W * (2 * g.M + (g.subspace() ? 6 * g.Mmid : 0) + 4 * nc));
   };
@@ -1341,10 +1344,12 @@ CmPlan cm_plan(const Geometry& g, int64_t threads) {
   };
   CmPlan p{g.N, 1, g.Ho, 1};
   // Fewer channels per task where even 8 output rows and their halo would not fit.
-  while (p.nc > 16 && row_bytes(p.nc) * (std::min<int64_t>(8, g.Ho) + halo) > kCmTaskBytes) {
+  while (p.nc > 16 &&
+         row_bytes(p.nc) * cm_rows_in(g, std::min<int64_t>(8, g.Ho)) > kCmTaskBytes) {
     p.nc = round_up(ceil_div(p.nc, 2), 16);
   }
-  set_bands(p, ceil_div(g.Ho, std::max<int64_t>(1, kCmTaskBytes / row_bytes(p.nc) - halo)));
+  const int64_t fit = (kCmTaskBytes / row_bytes(p.nc) - g.Kh) / g.sh + 1;  // output rows
+  set_bands(p, ceil_div(g.Ho, std::max<int64_t>(1, fit)));
   // Work for every thread: chunks of channels first (they recompute no halo rows), then bands;
   // a small number of tasks made a multiple of the threads.
   auto tasks = [&] { return g.B * p.bands * ceil_div(g.N, p.nc); };
@@ -1363,11 +1368,14 @@ void forward_bf16_cm(const Geometry& g, const c10::BFloat16* x, const c10::BFloa
   const int64_t threads = useful_threads(forward_flops(g));
   const CmPlan plan = cm_plan(g, threads);
   const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, M = g.M, N = g.N, C = g.Mmid;
-  const int64_t rows_max = std::min(H, plan.band + g.Kh - 1);
+  const int64_t sh = g.sh;
+  const int64_t rows_max = std::min(H, cm_rows_in(g, plan.band));
   const int64_t P_max = round_up(rows_max * W, 16);
-  // The depthwise's zero-padded plane: the rows a band's outputs read, padding included, of
-  // whole 16-column vectors plus the kernel's width (dw_plane_bf16).
-  const int64_t ldz = round_up(round_up(Wo, 16) + g.Kw - 1, 16);
+  // The depthwise's zero-padded plane: the rows a band's outputs read, padding included, plus
+  // those of a last block of 8 rows (read, not used), of whole 16-column vectors (stride times)
+  // plus the kernel's width (dw_plane_bf16).
+  const int64_t ldz = round_up(g.sw * round_up(Wo, 16) + g.Kw - 1, 16);
+  const int64_t zrows_max = cm_rows_in(g, round_up(plan.band, 8));
   bf16_cm_forwards.fetch_add(1, std::memory_order_relaxed);
   run_workers(g.B * plan.bands * plan.chunks, threads, [&](auto next) {
     const Bf16GemmScope bf16_scope(true);
@@ -1376,15 +1384,16 @@ void forward_bf16_cm(const Geometry& g, const c10::BFloat16* x, const c10::BFloa
     Scratch<c10::BFloat16> Up(kSlotFwdUb, S ? P_max * C : 0, false);
     Scratch<float> Vt(kSlotFwdVt, plan.nc * P_max, false);
     float taps[kMaxK * 7];
-    Scratch<float> Z(kSlotFwdZero, (plan.band + g.Kh - 1) * ldz, false);
+    Scratch<float> Z(kSlotFwdZero, zrows_max * ldz, false);
     for (int64_t task; (task = next()) >= 0;) {
       const int64_t chunk = task % plan.chunks, rest = task / plan.chunks;
       const int64_t b = rest / plan.bands, o0 = (rest % plan.bands) * plan.band;
       const int64_t o1 = std::min(Ho, o0 + plan.band);
       const int64_t n0 = chunk * plan.nc, ncur = std::min(plan.nc, N - n0);
       // Image rows the band's outputs read (the rest is padding).
-      const int64_t r0 = std::clamp<int64_t>(o0 - g.pt, 0, H);
-      const int64_t r1 = std::clamp<int64_t>(o1 - 1 - g.pt + g.Kh, r0, H);
+      const int64_t z0 = o0 * sh - g.pt;  // the image row of the plane's first row
+      const int64_t r0 = std::clamp<int64_t>(z0, 0, H);
+      const int64_t r1 = std::clamp<int64_t>(z0 + cm_rows_in(g, o1 - o0), r0, H);
       const int64_t R = r1 - r0, P = R * W;
       if (P > 0) {
         // One VNNI panel as wide as the block (ldb = Pp): the micro-kernel loops over its
@@ -1402,13 +1411,13 @@ void forward_bf16_cm(const Geometry& g, const c10::BFloat16* x, const c10::BFloa
       }
       // Each channel's rows into the padded plane, whose zeros (padding rows and columns) stay
       // from one channel to the next.
-      const int64_t zrows = o1 - o0 + g.Kh - 1;
+      const int64_t zrows = cm_rows_in(g, round_up(o1 - o0, 8));
       std::memset(Z.get(), 0, size_t(zrows * ldz) * sizeof(float));
-      float* z_img = Z.get() + (r0 - (o0 - g.pt)) * ldz + g.pl;  // image row r0, column 0
+      float* z_img = Z.get() + (r0 - z0) * ldz + g.pl;  // image row r0, column 0
       for (int64_t n = 0; n < ncur; ++n) {
         for (int64_t k = 0; k < g.taps(); ++k) taps[k] = w.taps[k * w.Np + n0 + n];
         copy_rows(Vt.get() + n * P, W, R, W, z_img, ldz);
-        dw_plane_bf16(DwPlaneArgs{Z.get(), ldz, g.Kh, taps, w.bias[n0 + n], o1 - o0, Wo,
+        dw_plane_bf16(DwPlaneArgs{Z.get(), ldz, g.Kh, sh, taps, w.bias[n0 + n], o1 - o0, Wo,
                                   y + ((b * N + n0 + n) * Ho + o0) * Wo},
                       g.Kw);
       }
@@ -1438,7 +1447,13 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
     return y;
   }
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  if (!cl && x.scalar_type() == at::kBFloat16 && bf16_cm_forward(g)) {
+  // Stride 2 where the channels-last path would copy x (nchw_x_read_channels_last): 256->512
+  // 28x28 s2 B=8, two threads, 1.68 -> 1.32 ms; where it transposes per block instead,
+  // the channels-last path stays (64->128 112x112 s2 B=1: 0.41-0.45 ms against 0.50-0.51; the
+  // planes of a stride-2 layer hold four v values per output, which the copies into the padded
+  // planes and the loads then pass over).
+  if (!cl && x.scalar_type() == at::kBFloat16 && bf16_cm_forward(g) &&
+      (g.sh == 1 || nchw_x_read_channels_last(g, x))) {
     const at::Tensor xc = standard_layout(x, fmt, kSlotInput);
     const PackedWeights<c10::BFloat16, float> wt(g, pw1, pw2, dw, bias, scale, shift, false,
                                                  false);

@@ -1595,16 +1595,18 @@ BSCONV_AVX512 inline void dwcl_avx512(const DwClArgs<O>& a) {
 // transposing x channels-last). v^T comes out channel-major, so the depthwise runs per channel
 // plane along image rows and stores NCHW y rows directly (no transposes on either side).
 
-// One channel plane of the depthwise, stride 1, dilation 1, on a zero-padded copy of its v rows:
-// output row u < rows_out, column j < Wo is bias + sum over kh, kw of taps[kh * Kw + kw] *
-// v[(u + kh) * ldv + j + kw] (v from the first padding row and column the first output reads;
-// ldv >= round_up(Wo, 16) + Kw - 1, so that whole 16-column vectors are read without masks),
+// One channel plane of the depthwise, stride s = 1 or 2 (2: square kernels), dilation 1, on a
+// zero-padded copy of its v rows: output row u < rows_out, column j < Wo is bias + sum over kh,
+// kw of taps[kh * Kw + kw] * v[(s u + kh) * ldv + s j + kw] (v from the first padding row and
+// column the first output reads; ldv >= s round_up(Wo, 16) + Kw - 1, so that whole 16-column
+// vectors are read without masks; rows up to s (round_up(rows_out, 8) - 1) + Kh readable),
 // rounded to bfloat16 (c10's rounding) into o (row stride Wo). Each output sums bias, then kh,
 // then kw, as dwcl_tile_avx512 does (padding terms included, multiplied by zero), so the
 // results are those of the B16 loops bit for bit.
 struct DwPlaneArgs {
   const float* v;
   int64_t ldv, Kh;
+  int64_t stride;  // 1, or 2 (both axes; square kernels)
   const float* taps;  // this channel's taps[kh * Kw + kw]
   float bias;
   int64_t rows_out, Wo;
@@ -1665,10 +1667,14 @@ BSCONV_AVX512 inline void copy_rows_avx512(const float* src, int64_t sld, int64_
 // and within a kh its kw, in ascending order. The loads are plain ones from the padded copy:
 // masked loads take a slot of the vector ports the multiply-adds run on (which made this loop
 // about 15% slower on the AMX host), as does c10's rounding (bf16x16_round_avx512).
-template <int KH, int KW, bool kInsn>
+template <int KH, int KW, int S, bool kInsn>
 BSCONV_AVX512 inline void dw_plane_bf16_avx512(const DwPlaneArgs& a) {
+  static_assert(S == 1 || KH > 0, "stride 2: square kernels");
   constexpr int RB = 8;
-  constexpr int NR = KH > 0 ? RB + KH - 1 : RB + kMaxK - 1;  // input rows of a block
+  constexpr int NR = KH > 0 ? S * (RB - 1) + KH : RB + kMaxK - 1;  // input rows of a block
+  // Stride 2: the even columns of two vectors (one lane permute per kernel column and row).
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2,
+                                        0);
   constexpr bool hoist = KH > 0 && KH * KW <= 9;
   const float* const taps = a.taps;
   const int64_t ldv = a.ldv, Kh = KH > 0 ? KH : a.Kh;
@@ -1681,22 +1687,29 @@ BSCONV_AVX512 inline void dw_plane_bf16_avx512(const DwPlaneArgs& a) {
     const __mmask16 out_mask = __mmask16((1u << std::min<int64_t>(16, a.Wo - j0)) - 1);
     for (int64_t ib = 0; ib < a.rows_out; ib += RB) {
       const int64_t nr = std::min<int64_t>(RB, a.rows_out - ib);
-      const float* p = a.v + ib * ldv + j0;
+      const float* p = a.v + S * (ib * ldv + j0);
       const float* rp[NR];
-#pragma GCC unroll 16
-      for (int64_t rr = 0; rr < RB + Kh - 1; ++rr) rp[rr] = p + rr * ldv;
+#pragma GCC unroll 32
+      for (int64_t rr = 0; rr < S * (RB - 1) + Kh; ++rr) rp[rr] = p + rr * ldv;
       __m512 acc[RB];
 #pragma GCC unroll 8
       for (int u = 0; u < RB; ++u) acc[u] = _mm512_set1_ps(a.bias);
       if constexpr (KH > 0) {
-#pragma GCC unroll 16
+#pragma GCC unroll 32
         for (int rr = 0; rr < NR; ++rr) {
           __m512 xs[KW];
 #pragma GCC unroll 8
-          for (int kw = 0; kw < KW; ++kw) xs[kw] = _mm512_loadu_ps(rp[rr] + kw);
+          for (int kw = 0; kw < KW; ++kw) {
+            if constexpr (S == 1) {
+              xs[kw] = _mm512_loadu_ps(rp[rr] + kw);
+            } else {
+              xs[kw] = _mm512_permutex2var_ps(_mm512_loadu_ps(rp[rr] + kw), even,
+                                              _mm512_loadu_ps(rp[rr] + kw + 16));
+            }
+          }
 #pragma GCC unroll 8
           for (int u = 0; u < RB; ++u) {
-            const int kh = rr - u;
+            const int kh = rr - S * u;
             if (kh < 0 || kh >= KH) continue;
 #pragma GCC unroll 8
             for (int kw = 0; kw < KW; ++kw) {
@@ -1731,17 +1744,24 @@ BSCONV_AVX512 inline void dw_plane_bf16_avx512(const DwPlaneArgs& a) {
 
 template <bool kInsn>
 BSCONV_AVX512 inline void dw_plane_bf16_k(const DwPlaneArgs& a, int64_t Kw) {
+  if (a.stride == 2) {
+    switch (Kw) {
+      case 3: return dw_plane_bf16_avx512<3, 3, 2, kInsn>(a);
+      case 5: return dw_plane_bf16_avx512<5, 5, 2, kInsn>(a);
+      default: return dw_plane_bf16_avx512<7, 7, 2, kInsn>(a);
+    }
+  }
   if (a.Kh == Kw) {
     switch (Kw) {
-      case 3: return dw_plane_bf16_avx512<3, 3, kInsn>(a);
-      case 5: return dw_plane_bf16_avx512<5, 5, kInsn>(a);
-      default: return dw_plane_bf16_avx512<7, 7, kInsn>(a);
+      case 3: return dw_plane_bf16_avx512<3, 3, 1, kInsn>(a);
+      case 5: return dw_plane_bf16_avx512<5, 5, 1, kInsn>(a);
+      default: return dw_plane_bf16_avx512<7, 7, 1, kInsn>(a);
     }
   }
   switch (Kw) {
-    case 3: return dw_plane_bf16_avx512<0, 3, kInsn>(a);
-    case 5: return dw_plane_bf16_avx512<0, 5, kInsn>(a);
-    default: return dw_plane_bf16_avx512<0, 7, kInsn>(a);
+    case 3: return dw_plane_bf16_avx512<0, 3, 1, kInsn>(a);
+    case 5: return dw_plane_bf16_avx512<0, 5, 1, kInsn>(a);
+    default: return dw_plane_bf16_avx512<0, 7, 1, kInsn>(a);
   }
 }
 #endif
