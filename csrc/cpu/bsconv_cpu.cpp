@@ -201,8 +201,10 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
     const bool x_gather = (!std::is_same_v<scalar_t, acc_t> && w.wbp == nullptr) ||
                           (images && !x_cl);
     Scratch<acc_t> Xs(kSlotFwdX, x_gather ? rows_x * g.M : 0, false);
-    Scratch<acc_t> Us(kSlotFwdU, S ? rows_x * C : 0, false);
-    Scratch<scalar_t> Ub(kSlotFwdUb, S && w.wbp != nullptr ? rows_x * C : 0, false);
+    // (bfloat16 GEMMs: u rows of bf16_depth(C) channels, zeros past C)
+    const int64_t Cp = S && w.wbp != nullptr ? bf16_depth(C) : C;
+    Scratch<acc_t> Us(kSlotFwdU, S ? rows_x * Cp : 0, false);
+    Scratch<scalar_t> Ub(kSlotFwdUb, S && w.wbp != nullptr ? rows_x * Cp : 0, false);
     // bfloat16 GEMM of NCHW x: a block's x rows transposed channels-last (at most S_ rows).
     Scratch<scalar_t> Xb(kSlotFwdXb, w.wbp != nullptr && !x_cl ? S_ * W * g.M : 0, false);
     // bfloat16 GEMMs: channels-last x rows (P pixels from xa) into v [P][ncp] channels
@@ -211,9 +213,10 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
                             acc_t* v, int64_t ldv) {
       if constexpr (bf16_in) {
         if (!S) return gemm_bf16(P, n0, ncur, g.M, xa, g.M, w.wbp, v, ldv);
-        gemm_bf16(P, 0, C, g.M, xa, g.M, w.wbp, Us.get(), C);
-        convert_n(Us.get(), Ub.get(), P * C);
-        gemm_bf16(P, n0, ncur, C, Ub.get(), C, w.wbp2, v, ldv);
+        gemm_bf16(P, 0, C, g.M, xa, g.M, w.wbp, Us.get(), Cp);
+        for (int64_t p = 0; p < P && Cp != C; ++p) std::fill_n(Us.get() + p * Cp + C, Cp - C, 0.f);
+        convert_n(Us.get(), Ub.get(), P * Cp);
+        gemm_bf16(P, n0, ncur, Cp, Ub.get(), Cp, w.wbp2, v, ldv);
       }
     };
     Scratch<acc_t> Vg(kSlotFwdVg, images ? P_group * ncp_max : 0, false);
@@ -1227,19 +1230,29 @@ class PackedWeights {
     w_.w2n = panels_of(w_.w2, N, g.Mmid, false, o_w2n);
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_w1 && bf16_panels) {
-        // W1^T (M x rows) and BSConv-S's W2^T (Mmid x N) into VNNI panels, in parallel.
+        // W1^T (M x rows) and BSConv-S's W2^T (Mmid x N, zero rows to a depth of
+        // bf16_depth(Mmid)) into VNNI panels, in parallel.
         const int64_t R = g.proj1_rows(), p1 = ceil_div(R, kPanel), s1 = bf16_panel_size(g.M);
-        const int64_t p2 = pw2 ? ceil_div(N, kPanel) : 0, s2 = bf16_panel_size(g.Mmid);
+        const int64_t Cp = bf16_depth(g.Mmid);
+        const int64_t p2 = pw2 ? ceil_div(N, kPanel) : 0, s2 = bf16_panel_size(Cp);
         c10::BFloat16* d =
             Scratch<c10::BFloat16>(kSlotWeightsBf16, p1 * s1 + p2 * s2, false).get();
         const c10::BFloat16* src1 = p1_.const_data_ptr<c10::BFloat16>();
         const c10::BFloat16* src2 = pw2 ? p2_.const_data_ptr<c10::BFloat16>() : nullptr;
+        std::vector<c10::BFloat16> w2pad;
+        if (pw2 && Cp != g.Mmid) {
+          w2pad.assign(size_t(N * Cp), c10::BFloat16(0.f));
+          for (int64_t n = 0; n < N; ++n) {
+            std::copy(src2 + n * g.Mmid, src2 + (n + 1) * g.Mmid, w2pad.data() + n * Cp);
+          }
+          src2 = w2pad.data();
+        }
         at::parallel_for(0, p1 + p2, 16384 / s1 + 1, [&](int64_t j0, int64_t j1) {
           for (int64_t j = j0; j < j1; ++j) {
             if (j < p1) {
               pack_bf16_wt_panel(src1, R, g.M, j, d);
             } else {
-              pack_bf16_wt_panel(src2, N, g.Mmid, j - p1, d + p1 * s1);
+              pack_bf16_wt_panel(src2, N, Cp, j - p1, d + p1 * s1);
             }
           }
         });
@@ -1379,12 +1392,23 @@ void forward_bf16_cm(const Geometry& g, const c10::BFloat16* x, const c10::BFloa
   // plus the kernel's width (dw_plane_bf16).
   const int64_t ldz = round_up(g.sw * round_up(Wo, 16) + g.Kw - 1, 16);
   const int64_t zrows_max = cm_rows_in(g, round_up(plan.band, 8));
+  // BSConv-S: u padded with zero rows to bf16_depth(C), and W2 with zero columns to match.
+  const int64_t Cp = S ? bf16_depth(C) : 0;
+  const c10::BFloat16* w2p = w2;
+  if (S && Cp != C) {
+    c10::BFloat16* d = Scratch<c10::BFloat16>(kSlotWeightsBf16, N * Cp, false).get();
+    for (int64_t n = 0; n < N; ++n) {
+      std::copy(w2 + n * C, w2 + (n + 1) * C, d + n * Cp);
+      std::fill(d + n * Cp + C, d + (n + 1) * Cp, c10::BFloat16(0.f));
+    }
+    w2p = d;
+  }
   bf16_cm_forwards.fetch_add(1, std::memory_order_relaxed);
   run_workers(g.B * plan.bands * plan.chunks, threads, [&](auto next) {
     const Bf16GemmScope bf16_scope(true);
     Scratch<c10::BFloat16> Xp(kSlotFwdXb, P_max * M, false);
-    Scratch<float> Ut(kSlotFwdU, S ? C * P_max : 0, false);
-    Scratch<c10::BFloat16> Up(kSlotFwdUb, S ? P_max * C : 0, false);
+    Scratch<float> Ut(kSlotFwdU, S ? Cp * P_max : 0, false);
+    Scratch<c10::BFloat16> Up(kSlotFwdUb, S ? P_max * Cp : 0, false);
     Scratch<float> Vt(kSlotFwdVt, plan.nc * P_max, false);
     float taps[kMaxK * 7];
     Scratch<float> Z(kSlotFwdZero, zrows_max * ldz, false);
@@ -1406,8 +1430,9 @@ void forward_bf16_cm(const Geometry& g, const c10::BFloat16* x, const c10::BFloa
                       Pp, reinterpret_cast<uint16_t*>(Xp.get()));
         if (S) {
           gemm_bf16_wide(C, P, M, w1, M, Xp.get(), Pp, Ut.get(), P);
-          vnni_pack(Ut.get(), P, C, P, Pp, reinterpret_cast<uint16_t*>(Up.get()));
-          gemm_bf16_wide(ncur, P, C, w2 + n0 * C, C, Up.get(), Pp, Vt.get(), P);
+          std::fill(Ut.get() + C * P, Ut.get() + Cp * P, 0.f);
+          vnni_pack(Ut.get(), P, Cp, P, Pp, reinterpret_cast<uint16_t*>(Up.get()));
+          gemm_bf16_wide(ncur, P, Cp, w2p + n0 * Cp, Cp, Up.get(), Pp, Vt.get(), P);
         } else {
           gemm_bf16_wide(ncur, P, M, w1 + n0 * M, M, Xp.get(), Pp, Vt.get(), P);
         }

@@ -311,6 +311,11 @@ inline bool bf16_gemm_enabled() {
   return on;
 }
 
+// The depth a bfloat16 GEMM of depth k runs at: k padded with zero products to a multiple of
+// 32, the micro-kernel's depth step on AMX tiles. Its depth tail ran another, slower kernel:
+// one thread, 512 x 196 x k on the AMX host, 92 us with k = 86, 41 us with k = 96.
+inline int64_t bf16_depth(int64_t k) { return round_up(k, 32); }
+
 // Elements of one VNNI panel of a k-row operand.
 inline int64_t bf16_panel_size(int64_t k) { return round_up(k, 2) * kPanel; }
 
