@@ -205,6 +205,8 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
     const int64_t Cp = S && w.wbp != nullptr ? bf16_depth(C) : C;
     Scratch<acc_t> Us(kSlotFwdU, S ? rows_x * Cp : 0, false);
     Scratch<scalar_t> Ub(kSlotFwdUb, S && w.wbp != nullptr ? rows_x * Cp : 0, false);
+    // (the GEMM into Us writes columns [0, C) only: the zero columns stay for the worker)
+    for (int64_t p = 0; p < rows_x && Cp != C; ++p) std::fill_n(Us.get() + p * Cp + C, Cp - C, 0);
     // bfloat16 GEMM of NCHW x: a block's x rows transposed channels-last (at most S_ rows).
     Scratch<scalar_t> Xb(kSlotFwdXb, w.wbp != nullptr && !x_cl ? S_ * W * g.M : 0, false);
     // bfloat16 GEMMs: channels-last x rows (P pixels from xa) into v [P][ncp] channels
@@ -214,7 +216,6 @@ void forward_kernel(const Geometry& g, const scalar_t* x, bool x_cl, bool y_cl,
       if constexpr (bf16_in) {
         if (!S) return gemm_bf16(P, n0, ncur, g.M, xa, g.M, w.wbp, v, ldv);
         gemm_bf16(P, 0, C, g.M, xa, g.M, w.wbp, Us.get(), Cp);
-        for (int64_t p = 0; p < P && Cp != C; ++p) std::fill_n(Us.get() + p * Cp + C, Cp - C, 0.f);
         convert_n(Us.get(), Ub.get(), P * Cp);
         gemm_bf16(P, n0, ncur, Cp, Ub.get(), Cp, w.wbp2, v, ldv);
       }
@@ -1229,6 +1230,11 @@ class PackedWeights {
     w_.w1n = panels_of(w_.w1, g.proj1_rows(), g.M, false, o_w1n);
     w_.w2n = panels_of(w_.w2, N, g.Mmid, false, o_w2n);
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      // BSConv-S's W2 [N][Mmid] for the bfloat16 GEMMs, zero columns to bf16_depth(Mmid).
+      if (bf16_w1 && pw2 && bf16_depth(g.Mmid) != g.Mmid) {
+        w2_pad_.resize(size_t(N * bf16_depth(g.Mmid)));
+        pad_bf16_depth(p2_.const_data_ptr<c10::BFloat16>(), N, g.Mmid, w2_pad_.data());
+      }
       if (bf16_w1 && bf16_panels) {
         // W1^T (M x rows) and BSConv-S's W2^T (Mmid x N, zero rows to a depth of
         // bf16_depth(Mmid)) into VNNI panels, in parallel.
@@ -1238,15 +1244,7 @@ class PackedWeights {
         c10::BFloat16* d =
             Scratch<c10::BFloat16>(kSlotWeightsBf16, p1 * s1 + p2 * s2, false).get();
         const c10::BFloat16* src1 = p1_.const_data_ptr<c10::BFloat16>();
-        const c10::BFloat16* src2 = pw2 ? p2_.const_data_ptr<c10::BFloat16>() : nullptr;
-        std::vector<c10::BFloat16> w2pad;
-        if (pw2 && Cp != g.Mmid) {
-          w2pad.assign(size_t(N * Cp), c10::BFloat16(0.f));
-          for (int64_t n = 0; n < N; ++n) {
-            std::copy(src2 + n * g.Mmid, src2 + (n + 1) * g.Mmid, w2pad.data() + n * Cp);
-          }
-          src2 = w2pad.data();
-        }
+        const c10::BFloat16* src2 = pw2_depth_padded();
         at::parallel_for(0, p1 + p2, 16384 / s1 + 1, [&](int64_t j0, int64_t j1) {
           for (int64_t j = j0; j < j1; ++j) {
             if (j < p1) {
@@ -1262,12 +1260,17 @@ class PackedWeights {
     }
   }
   const Weights<acc_t>& get() const { return w_; }
-  // The projection weights as given (dense): forward_bf16_cm's A operands.
+  // The projection weights (dense; BSConv-S's W2 [N][bf16_depth(Mmid)] in bfloat16, zero
+  // columns past Mmid): forward_bf16_cm's A operands.
   const scalar_t* pw1() const { return p1_.const_data_ptr<scalar_t>(); }
-  const scalar_t* pw2() const { return p2_.defined() ? p2_.const_data_ptr<scalar_t>() : nullptr; }
+  const scalar_t* pw2_depth_padded() const {
+    if (!p2_.defined()) return nullptr;
+    return w2_pad_.empty() ? p2_.const_data_ptr<scalar_t>() : w2_pad_.data();
+  }
 
  private:
   at::Tensor p1_, p2_;
+  std::vector<scalar_t> w2_pad_;
   Weights<acc_t> w_{};
 };
 
@@ -1318,8 +1321,7 @@ bool nchw_x_read_channels_last(const Geometry& g, const at::Tensor& x) {
 // path for NCHW bfloat16 x), on a CPU that runs the AVX-512 loops.
 inline bool bf16_cm_enabled() {
   static const bool on = [] {
-    const char* env = std::getenv("BSCONV_CPU_NO_BF16_CM");
-    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    if (env_switch_on("BSCONV_CPU_NO_BF16_CM")) return false;
     return avx512_enabled();
   }();
   return on;
@@ -1378,6 +1380,7 @@ CmPlan cm_plan(const Geometry& g, int64_t threads) {
   return p;
 }
 
+// w2: BSConv-S's W2 [N][bf16_depth(Mmid)] (PackedWeights::pw2_depth_padded).
 void forward_bf16_cm(const Geometry& g, const c10::BFloat16* x, const c10::BFloat16* w1,
                      const c10::BFloat16* w2, const Weights<float>& w, c10::BFloat16* y) {
   const bool S = g.subspace();
@@ -1392,17 +1395,8 @@ void forward_bf16_cm(const Geometry& g, const c10::BFloat16* x, const c10::BFloa
   // plus the kernel's width (dw_plane_bf16).
   const int64_t ldz = round_up(g.sw * round_up(Wo, 16) + g.Kw - 1, 16);
   const int64_t zrows_max = cm_rows_in(g, round_up(plan.band, 8));
-  // BSConv-S: u padded with zero rows to bf16_depth(C), and W2 with zero columns to match.
+  // BSConv-S: u padded with zero rows to bf16_depth(C) (w2 has the zero columns to match).
   const int64_t Cp = S ? bf16_depth(C) : 0;
-  const c10::BFloat16* w2p = w2;
-  if (S && Cp != C) {
-    c10::BFloat16* d = Scratch<c10::BFloat16>(kSlotWeightsBf16, N * Cp, false).get();
-    for (int64_t n = 0; n < N; ++n) {
-      std::copy(w2 + n * C, w2 + (n + 1) * C, d + n * Cp);
-      std::fill(d + n * Cp + C, d + (n + 1) * Cp, c10::BFloat16(0.f));
-    }
-    w2p = d;
-  }
   bf16_cm_forwards.fetch_add(1, std::memory_order_relaxed);
   run_workers(g.B * plan.bands * plan.chunks, threads, [&](auto next) {
     const Bf16GemmScope bf16_scope(true);
@@ -1426,13 +1420,13 @@ void forward_bf16_cm(const Geometry& g, const c10::BFloat16* x, const c10::BFloa
         // One VNNI panel as wide as the block (ldb = Pp): the micro-kernel loops over its
         // columns itself, where a call per kPanel columns costs more than its work.
         const int64_t Pp = round_up(P, 16);
-        vnni_pack(reinterpret_cast<const uint16_t*>(x + (b * M * H + r0) * W), H * W, M, P,
-                      Pp, reinterpret_cast<uint16_t*>(Xp.get()));
+        vnni_pack(reinterpret_cast<const uint16_t*>(x + (b * M * H + r0) * W), H * W, M, P, Pp,
+                  reinterpret_cast<uint16_t*>(Xp.get()));
         if (S) {
           gemm_bf16_wide(C, P, M, w1, M, Xp.get(), Pp, Ut.get(), P);
           std::fill(Ut.get() + C * P, Ut.get() + Cp * P, 0.f);
           vnni_pack(Ut.get(), P, Cp, P, Pp, reinterpret_cast<uint16_t*>(Up.get()));
-          gemm_bf16_wide(ncur, P, Cp, w2p + n0 * Cp, Cp, Up.get(), Pp, Vt.get(), P);
+          gemm_bf16_wide(ncur, P, Cp, w2 + n0 * Cp, Cp, Up.get(), Pp, Vt.get(), P);
         } else {
           gemm_bf16_wide(ncur, P, M, w1 + n0 * M, M, Xp.get(), Pp, Vt.get(), P);
         }
@@ -1485,8 +1479,8 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& pw1,
     const at::Tensor xc = standard_layout(x, fmt, kSlotInput);
     const PackedWeights<c10::BFloat16, float> wt(g, pw1, pw2, dw, bias, scale, shift, false,
                                                  false);
-    forward_bf16_cm(g, xc.const_data_ptr<c10::BFloat16>(), wt.pw1(), wt.pw2(), wt.get(),
-                    y.data_ptr<c10::BFloat16>());
+    forward_bf16_cm(g, xc.const_data_ptr<c10::BFloat16>(), wt.pw1(), wt.pw2_depth_padded(),
+                    wt.get(), y.data_ptr<c10::BFloat16>());
     return y;
   }
   const bool x_cl = cl || nchw_x_read_channels_last(g, x);

@@ -295,8 +295,7 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
 inline bool bf16_gemm_enabled() {
   static const bool on = [] {
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
-    const char* env = std::getenv("BSCONV_CPU_NO_BF16_GEMM");
-    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    if (env_switch_on("BSCONV_CPU_NO_BF16_GEMM")) return false;
     if (at::native::cpublas::could_pack(at::kBFloat16)) return true;
 #if BSCONV_X86_AVX2
     __builtin_cpu_init();
@@ -316,6 +315,15 @@ inline bool bf16_gemm_enabled() {
 // one thread, 512 x 196 x k on the AMX host, 92 us with k = 86, 41 us with k = 96.
 inline int64_t bf16_depth(int64_t k) { return round_up(k, 32); }
 
+// w [n][k] into out [n][bf16_depth(k)], zeros past k.
+inline void pad_bf16_depth(const c10::BFloat16* w, int64_t n, int64_t k, c10::BFloat16* out) {
+  const int64_t kp = bf16_depth(k);
+  for (int64_t r = 0; r < n; ++r) {
+    std::copy(w + r * k, w + (r + 1) * k, out + r * kp);
+    std::fill(out + r * kp + k, out + (r + 1) * kp, c10::BFloat16(0.f));
+  }
+}
+
 // Elements of one VNNI panel of a k-row operand.
 inline int64_t bf16_panel_size(int64_t k) { return round_up(k, 2) * kPanel; }
 
@@ -332,23 +340,6 @@ inline void pack_bf16_wt_panel(const c10::BFloat16* w, int64_t n, int64_t k, int
             reinterpret_cast<float*>(d), kPanel);
 }
 
-// C[m][0 : cols) = A[m][k] B[k][n0 : n0 + cols) in float, A bfloat16 row-major, B in VNNI
-// panels (pack_bf16_wt_panel; n0 a multiple of kPanel), k even.
-inline void gemm_bf16(int64_t m, int64_t n0, int64_t cols, int64_t k, const c10::BFloat16* a,
-                      int64_t lda, const c10::BFloat16* panels, float* c, int64_t ldc) {
-#ifdef CPUBLAS_BRGEMM_BF16BF16F32
-  TORCH_INTERNAL_ASSERT(n0 % kPanel == 0 && k % 2 == 0, "bsconv_fused: bfloat16 GEMM at ", n0,
-                        " with k = ", k);
-  for (int64_t j0 = n0; j0 < n0 + cols; j0 += kPanel) {
-    const int64_t wd = std::min(kPanel, n0 + cols - j0);
-    at::native::cpublas::brgemm(m, wd, k, lda, kPanel, ldc, false, a,
-                                panels + j0 / kPanel * bf16_panel_size(k), c + (j0 - n0), true);
-  }
-#else
-  TORCH_INTERNAL_ASSERT(false, "bsconv_fused: no bfloat16 brgemm in this torch");
-#endif
-}
-
 // C[m][0 : n) = A[m][k] B[k][0 : n) in float, A bfloat16 row-major, B one VNNI panel of ldb
 // columns ([k / 2][ldb][2], n <= ldb), k even.
 inline void gemm_bf16_wide(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda,
@@ -359,6 +350,17 @@ inline void gemm_bf16_wide(int64_t m, int64_t n, int64_t k, const c10::BFloat16*
 #else
   TORCH_INTERNAL_ASSERT(false, "bsconv_fused: no bfloat16 brgemm in this torch");
 #endif
+}
+
+// C[m][0 : cols) = A[m][k] B[k][n0 : n0 + cols) in float, A bfloat16 row-major, B in VNNI
+// panels (pack_bf16_wt_panel; n0 a multiple of kPanel), k even.
+inline void gemm_bf16(int64_t m, int64_t n0, int64_t cols, int64_t k, const c10::BFloat16* a,
+                      int64_t lda, const c10::BFloat16* panels, float* c, int64_t ldc) {
+  TORCH_INTERNAL_ASSERT(n0 % kPanel == 0, "bsconv_fused: bfloat16 GEMM at ", n0);
+  for (int64_t j0 = n0; j0 < n0 + cols; j0 += kPanel) {
+    gemm_bf16_wide(m, std::min(kPanel, n0 + cols - j0), k, a, lda,
+                   panels + j0 / kPanel * bf16_panel_size(k), kPanel, c + (j0 - n0), ldc);
+  }
 }
 
 // Releases the micro-kernel's hardware context (AMX tile state) of the calling thread when the

@@ -54,13 +54,19 @@ inline int64_t b8(int64_t p, int64_t n, int64_t cbs) {
   return (n / kLanes) * cbs + p * kLanes + n % kLanes;
 }
 
+// True when the environment variable `name` is set to a non-empty value other than "0" (the
+// CPU kernels' switches, each read once per process).
+inline bool env_switch_on(const char* name) {
+  const char* env = std::getenv(name);
+  return env != nullptr && env[0] != '\0' && env[0] != '0';
+}
+
 // True when the AVX2 float loops run: the CPU has AVX2 and FMA, and BSCONV_CPU_GENERIC is
 // not set to a non-zero value (a debugging switch that forces the generic loops).
 inline bool avx2_enabled() {
   static const bool on = [] {
 #if BSCONV_X86_AVX2
-    const char* env = std::getenv("BSCONV_CPU_GENERIC");
-    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    if (env_switch_on("BSCONV_CPU_GENERIC")) return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
@@ -77,8 +83,7 @@ inline bool avx2_enabled() {
 inline bool avx512_enabled() {
   static const bool on = [] {
 #if BSCONV_X86_AVX2
-    const char* env = std::getenv("BSCONV_CPU_NO_AVX512");
-    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    if (env_switch_on("BSCONV_CPU_NO_AVX512")) return false;
     return avx2_enabled() && __builtin_cpu_supports("avx512f") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl");
@@ -95,8 +100,7 @@ inline bool avx512_enabled() {
 // keeps the B8 loops; the results are the same bit for bit).
 inline bool depthwise_cl_enabled() {
   static const bool on = [] {
-    const char* env = std::getenv("BSCONV_CPU_NO_DW_CL");
-    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    if (env_switch_on("BSCONV_CPU_NO_DW_CL")) return false;
     return avx512_enabled();
   }();
   return on;
@@ -108,8 +112,7 @@ inline bool depthwise_cl_enabled() {
 inline bool bf16_insn_enabled() {
   static const bool on = [] {
 #if BSCONV_X86_AVX2
-    const char* env = std::getenv("BSCONV_CPU_NO_BF16_INSN");
-    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    if (env_switch_on("BSCONV_CPU_NO_BF16_INSN")) return false;
     return avx512_enabled() && __builtin_cpu_supports("avx512bf16");
 #else
     return false;
