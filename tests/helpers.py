@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -107,6 +107,45 @@ def magnitudes(p, gy):
         t.detach_().requires_grad_()
     y = absd.reference()
     return y.detach(), [g.detach() for g in torch.autograd.grad(y, absd.inputs(), gy.abs())]
+
+
+@dataclass
+class BackwardCase:
+    """A float32 problem, its float64 twin and reference output, a float64 grad_y in the layout
+    of x, and the float32 inputs that require gradients (``which``: all, x, dw or w)."""
+    p: Problem
+    r: Problem
+    yr: torch.Tensor
+    gy: torch.Tensor
+    q: Problem
+    want: List[torch.Tensor]
+
+    def reference_grads(self) -> Tuple[List[int], List[torch.Tensor], List[torch.Tensor]]:
+        """Indices into inputs() of the inputs in ``want``, their float64 reference gradients
+        and the magnitudes behind them."""
+        idx = [k for k, t in enumerate(self.q.inputs()) if t.requires_grad]
+        gref = torch.autograd.grad(self.yr, [self.r.inputs()[k] for k in idx], self.gy)
+        _, mags = magnitudes(self.p, self.gy)
+        return idx, list(gref), [mags[k] for k in idx]
+
+
+def backward_case(case: tuple, seed: int, fmt: torch.memory_format, mid: int) -> BackwardCase:
+    """``case`` = (variant, B, M, N, H, W, K, padding, stride, options, which); options may set
+    mid_affine (then with a ReLU)."""
+    v, B, M, N, H, W, K, pad, stride, opts, which = case
+    p = make_problem(v, B=B, M=M, N=N, mid=mid, H=H, W=W, K=K, padding=pad, stride=stride,
+                     seed=seed, **opts)
+    if opts.get("mid_affine"):
+        p.kwargs["mid_activation"] = "relu"
+    r = p.cast(torch.float64)
+    yr = r.reference()
+    gy = torch.randn(yr.shape, generator=torch.Generator().manual_seed(100 + seed),
+                     dtype=torch.float64).contiguous(memory_format=fmt)
+    q = p.cast(torch.float32, fmt, requires_grad=False)
+    want = {"all": q.inputs(), "x": [q.x], "dw": [q.dw_weight], "w": [q.pws[0]]}[which]
+    for t in want:
+        t.requires_grad_()
+    return BackwardCase(p, r, yr, gy, q, want)
 
 
 def assert_accurate(name: str, fused: torch.Tensor, ref_lowp: torch.Tensor,

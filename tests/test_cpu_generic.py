@@ -31,7 +31,8 @@ def _run(args: list[str], generic: bool, avx512: bool = True, bf16_gemm: bool = 
          alias_split: bool | None = None,
          stream_stores: bool | None = None,
          dw_cl: bool | None = None,
-         bf16_cm: bool | None = None) -> subprocess.CompletedProcess:
+         bf16_cm: bool | None = None,
+         bwd_cs: bool | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["BSCONV_CPU_GENERIC"] = "1" if generic else "0"
     env["BSCONV_CPU_NO_AVX512"] = "0" if avx512 else "1"
@@ -48,6 +49,9 @@ def _run(args: list[str], generic: bool, avx512: bool = True, bf16_gemm: bool = 
     env.pop("BSCONV_CPU_NO_BF16_CM", None)
     if bf16_cm is not None:
         env["BSCONV_CPU_NO_BF16_CM"] = "0" if bf16_cm else "1"
+    env.pop("BSCONV_CPU_BWD_CS", None)
+    if bwd_cs is not None:
+        env["BSCONV_CPU_BWD_CS"] = "1" if bwd_cs else "0"
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -404,7 +408,7 @@ def test_channels_last_depthwise_switch_and_bits(tmp_path: Path) -> None:
 _DW_CL_BWD = r"""
 import sys, torch, bsconv_fused
 sys.path.insert(0, "tests")
-from helpers import make_problem, magnitudes
+from helpers import backward_case
 out = []
 # (variant, B, M, N, H, W, K, padding, stride, options, which inputs need gradients)
 cases = [("u", 1, 32, 64, 12, 40, (3, 3), 1, 1, {}, "all"),
@@ -431,32 +435,19 @@ cases = [("u", 1, 32, 64, 12, 40, (3, 3), 1, 1, {}, "all"),
          ("u", 1, 32, 32, 12, 20, (3, 3), 1, 1, {"mid_affine": True}, "all"),
          ("u", 1, 16, 32, 12, 20, (3, 3), 2, 1, {"dilation": 2}, "all")]
 ops = torch.ops.bsconv_fused
-for i, (v, B, M, N, H, W, K, pad, stride, opts, which) in enumerate(cases):
+for i, case in enumerate(cases):
+    _, B, M, _, H, W = case[:6]
     for fmt in (torch.contiguous_format, torch.channels_last):
-        p = make_problem(v, B=B, M=M, N=N, mid=8, H=H, W=W, K=K, padding=pad, stride=stride,
-                         seed=i, **opts)
-        if opts.get("mid_affine"):
-            p.kwargs["mid_activation"] = "relu"
-        r = p.cast(torch.float64)
-        yr = r.reference()
-        gy = torch.randn(yr.shape, generator=torch.Generator().manual_seed(100 + i),
-                         dtype=torch.float64).contiguous(memory_format=fmt)
-        q = p.cast(torch.float32, fmt, requires_grad=False)
-        want = {"all": q.inputs(), "x": [q.x], "dw": [q.dw_weight]}[which]
-        for t in want:
-            t.requires_grad_()
-        y = q.fused()
+        c = backward_case(case, i, fmt, mid=8)
+        p = c.p
         before = ops.cpu_depthwise_cl_backwards()
-        g = torch.autograd.grad(y, want, gy.float())
+        g = torch.autograd.grad(c.q.fused(), c.want, c.gy.float())
         taken = ops.cpu_depthwise_cl_backwards() - before
-        idx = [k for k, t in enumerate(q.inputs()) if t.requires_grad]
-        gref = torch.autograd.grad(yr, [r.inputs()[k] for k in idx], gy)
-        _, mags = magnitudes(p, gy)
+        idx, gref, mags = c.reference_grads()
         small_nchw = fmt == torch.contiguous_format and B * H * W < 256 and M <= 64
         dw_index = 1 + len(p.pws)
         exact = [not (small_nchw and k == dw_index) for k in idx]
-        out.append([list(g), list(gref), [mags[k] for k in idx], torch.tensor(taken),
-                    torch.tensor(exact)])
+        out.append([list(g), gref, mags, torch.tensor(taken), torch.tensor(exact)])
 torch.save(out, sys.argv[1])
 """
 
@@ -573,3 +564,88 @@ def test_bf16_nchw_channel_major_switch_and_bits(tmp_path: Path) -> None:
             tol = torch.finfo(torch.bfloat16).eps / 2 * ref.abs() + 1e-5 * ref.abs().max()
             assert bool((err <= tol).all()), k
     assert stride2_taken >= (2 if avx512 and gemm else 0)
+
+
+# Backward of BSConv-U layers by channel chunks (backward_channel_split: float32, the B16
+# loops' shapes, packed weights, i.e. at least 256 pixels per call): output-channel chunks of
+# 128 with a 16-wide tail (N = 144), input-channel chunks with a tail of 72 (M = 200), channel
+# counts below a chunk that are not multiples of 32, stride 2, Kh = 1 with stride 2 (v rows no
+# output reads: zero gv), K = 5 and 7, three 64x64 images in two groups (the weight, blueprint
+# and bias gradients accumulated across groups), gradients of subsets of the inputs, both
+# layouts; then two layers it does not take (a mid transform, BSConv-S) and two for the default
+# rule (1 MiB of weights: two images taken, one image not). Saves per case the gradients, the
+# float64 reference's, their magnitudes, how many backwards ran backward_channel_split, and
+# whether one thread gave the same bits as the default thread count.
+_CS_BWD = r"""
+import sys, torch, bsconv_fused
+sys.path.insert(0, "tests")
+from helpers import backward_case
+out = []
+# (variant, B, M, N, H, W, K, padding, stride, options, which inputs need gradients)
+cases = [("u", 2, 64, 48, 12, 13, (3, 3), 1, 1, {}, "all"),
+         ("u", 3, 72, 144, 9, 11, (5, 5), 2, 1, {}, "all"),
+         ("u", 2, 200, 96, 10, 14, (3, 3), 1, 2, {}, "all"),
+         ("u", 2, 32, 48, 9, 20, (1, 3), (0, 1), 2, {}, "all"),
+         ("u", 2, 32, 32, 6, 30, (7, 7), 3, 1, {}, "all"),
+         ("u", 3, 64, 64, 64, 64, (3, 3), 1, 1, {}, "all"),
+         ("u", 2, 48, 64, 12, 16, (3, 3), 1, 1, {}, "x"),
+         ("u", 2, 48, 64, 12, 16, (3, 3), 1, 1, {}, "dw"),
+         ("u", 2, 48, 64, 12, 16, (3, 3), 1, 1, {}, "w"),
+         ("u", 2, 32, 32, 12, 20, (3, 3), 1, 1, {"mid_affine": True}, "all"),
+         ("s", 2, 64, 64, 12, 20, (3, 3), 1, 1, {}, "all"),
+         ("u", 2, 512, 512, 12, 12, (3, 3), 1, 1, {}, "all"),
+         ("u", 1, 512, 512, 16, 16, (3, 3), 1, 1, {}, "all")]
+ops = torch.ops.bsconv_fused
+threads = torch.get_num_threads()
+for i, case in enumerate(cases):
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        c = backward_case(case, i, fmt, mid=16)
+        before = ops.cpu_channel_split_backwards()
+        g = torch.autograd.grad(c.q.fused(), c.want, c.gy.float())
+        taken = ops.cpu_channel_split_backwards() - before
+        torch.set_num_threads(1)
+        try:
+            g1 = torch.autograd.grad(c.q.fused(), c.want, c.gy.float())
+        finally:
+            torch.set_num_threads(threads)
+        same = all(torch.equal(a, b) for a, b in zip(g, g1))
+        _, gref, mags = c.reference_grads()
+        out.append([list(g), gref, mags, torch.tensor(taken), torch.tensor(same)])
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_channel_split_backward_switch_and_accuracy(tmp_path: Path) -> None:
+    """BSCONV_CPU_BWD_CS=0 keeps every backward on backward_kernel, =1 sends every layer the
+    channel-split loops can run there (on an AVX-512 CPU), unset leaves it to the rule (BSConv-U,
+    M x N >= 512 x 512, two images or more). Every gradient of every run must match its float64
+    reference, and one thread must give the same bits as the default count (the chunks, groups
+    and sums are fixed by the geometry)."""
+    runs = []
+    for setting in (False, True, None):
+        path = tmp_path / f"cs{setting}.pt"
+        r = _run(["-c", _CS_BWD, str(path)], generic=False, bwd_cs=setting)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append(torch.load(path))
+    n = 13 * 2
+    assert all(len(res) == n for res in runs)
+    avx512 = _cpu_has("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl")
+    for setting, res in zip((False, True, None), runs):
+        for k in range(n):
+            g, ref, mags, taken, same = res[k]
+            case = k // 2
+            if setting is False:
+                expect = 0
+            elif setting is True:
+                expect = int(avx512 and case not in (9, 10))
+            else:
+                expect = int(avx512 and case == 11)
+            assert int(taken) == expect, (setting, k)
+            assert bool(same), (setting, k)
+            assert len(g) == len(ref) == len(mags) > 0, (setting, k)
+            for a, r, m in zip(g, ref, mags):
+                assert a.shape == r.shape, (setting, k)
+                # float32 sums of up to ~12000 terms (three 64x64 images): their rounding stays
+                # far below 2^-12 of the sum of |terms|; a missing or misplaced term moves a
+                # result by ~m / 12000 or more.
+                assert ((a.double() - r).abs() <= 2.0 ** -12 * m + 1e-30).all(), (setting, k)

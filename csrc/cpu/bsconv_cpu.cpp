@@ -8,6 +8,8 @@
 
 #include <array>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -22,6 +24,8 @@ namespace {
 std::atomic<int64_t> dw_cl_forwards{0};
 // Backward calls (this process) that ran the B16 loops (gv_rows_cl, gb_rows_cl).
 std::atomic<int64_t> dw_cl_backwards{0};
+// Backward calls (this process) that ran backward_channel_split.
+std::atomic<int64_t> cs_backwards{0};
 // bfloat16 forward calls (this process) that ran forward_bf16_cm.
 std::atomic<int64_t> bf16_cm_forwards{0};
 
@@ -553,6 +557,32 @@ struct GradOut {
   scalar_t* bias = nullptr;  // set: the backward kernel sums the bias gradient too
 };
 
+// gy rows padded with zeros for the transposed depthwise: gy column ow at GL + ow, GWp columns;
+// per phase of v columns (c = phase + sw * t) its taps kw and the padded gy column offsets they
+// read (including GL), as GvArgs / GvClArgs take them.
+struct GyCols {
+  std::vector<int64_t> ph_n, ph_kw, ph_off;
+  int64_t GL = 0, GWp = 0;
+  explicit GyCols(const Geometry& g)
+      : ph_n(g.sw, 0), ph_kw(g.sw * g.Kw, 0), ph_off(g.sw * g.Kw, 0) {
+    int64_t off_lo = 0, off_hi = 0, T_max = 0;
+    for (int64_t phi = 0; phi < std::min(g.sw, g.W); ++phi) {
+      T_max = std::max(T_max, ceil_div(g.W - phi, g.sw));
+      for (int64_t kw = 0; kw < g.Kw; ++kw) {
+        const int64_t d = phi + g.pl - kw * g.dw;
+        if (((d % g.sw) + g.sw) % g.sw != 0) continue;
+        ph_kw[phi * g.Kw + ph_n[phi]] = kw;
+        ph_off[phi * g.Kw + ph_n[phi]++] = d / g.sw;
+        off_lo = std::min(off_lo, d / g.sw);
+        off_hi = std::max(off_hi, d / g.sw);
+      }
+    }
+    GL = -off_lo;
+    GWp = GL + std::max(g.Wo, T_max + off_hi);
+    for (auto& o : ph_off) o += GL;
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, bool x_cl,
                      bool cl, const Weights<acc_t>& w, const Mask& mask, scalar_t* gx,
@@ -629,23 +659,9 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
   // act(v) rows padded like the forward's v rows (zeros: remapped taps are corrections).
   const PaddedCols acols(g);
   const int64_t Wa = acols.Wp_alloc, rows_max = plan.nb * plan.nr;
-  // gy rows padded with zeros: gy column ow at GL + ow; per phase of v columns its taps and
-  // their gy offsets (including GL).
-  std::vector<int64_t> ph_n(g.sw, 0), ph_kw(g.sw * g.Kw, 0), ph_off(g.sw * g.Kw, 0);
-  int64_t off_lo = 0, off_hi = 0, T_max = 0;
-  for (int64_t phi = 0; phi < std::min(g.sw, W); ++phi) {
-    T_max = std::max(T_max, ceil_div(W - phi, g.sw));
-    for (int64_t kw = 0; kw < g.Kw; ++kw) {
-      const int64_t d = phi + g.pl - kw * g.dw;
-      if (((d % g.sw) + g.sw) % g.sw != 0) continue;
-      ph_kw[phi * g.Kw + ph_n[phi]] = kw;
-      ph_off[phi * g.Kw + ph_n[phi]++] = d / g.sw;
-      off_lo = std::min(off_lo, d / g.sw);
-      off_hi = std::max(off_hi, d / g.sw);
-    }
-  }
-  const int64_t GL = -off_lo, GWp = GL + std::max(Wo, T_max + off_hi);
-  for (auto& o : ph_off) o += GL;
+  const GyCols gcols(g);
+  const std::vector<int64_t>&ph_n = gcols.ph_n, &ph_kw = gcols.ph_kw, &ph_off = gcols.ph_off;
+  const int64_t GL = gcols.GL, GWp = gcols.GWp;
   const int64_t gcbs = orows_max * GWp * lb;  // channel-block stride of the gy rows
   // The bias gradient: band k sums the gy rows [orow(k), orow(k + 1)), a partition of [0, Ho)
   // (orow(k): the first output row that reads band k's first v row; rows no v row is read by
@@ -1015,6 +1031,224 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
       }
     }
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward by channel chunks, for BSConv-U layers whose projection weights outweigh the pixels
+// of a backward_kernel task (large M x N on small images: 1024->1024 7x7, 512->1024 14x14). Each
+// of backward_kernel's pixel tasks reads W twice (the recompute and the input gradient) and adds
+// a weight-sized partial of the weight gradient, summed at the end: 1024->1024 7x7 B=8 moves
+// ~16 MB of weights per task of two images. Here a group of whole images goes through two
+// passes, the groups one after another:
+// 1. per chunk of output channels (a task): the recompute of v, the gy rows, the transposed
+//    depthwise into gv (channels-last, shared by the tasks), the blueprint and bias gradients
+//    (the depthwise is per channel) and the chunk's rows of the weight gradient, on packed x
+//    panels shared by the tasks (gW rows set by the first group, accumulated by the next);
+// 2. per chunk of input channels: gx = gv W over the group's pixels.
+// No partials, every weight element read or written once per group and pass. float32 only,
+// with the B16 loops' shapes (cs_plan). Every sum runs in an order fixed by the geometry.
+struct CsPlan {
+  int64_t nb = 0;  // images per group; 0: not taken
+  int64_t nc = 0;  // output channels per task of pass 1 (a multiple of kPanel, or N)
+  int64_t mc = 0;  // input channels per task of pass 2 (a multiple of kPanel, or M)
+};
+
+// A group's shared buffers (gv, x channels-last, packed x) are kept within this. Paired A/B
+// runs (two threads, the 2-core AMX host, NCHW x) found 4, 8 and 16 MiB within noise of each
+// other; 1-2 MiB (groups of one or two images) were up to 20% slower on 1024->1024 7x7 B=8.
+constexpr int64_t kCsGroupBudget = 8 << 20;
+// Channels per task of either pass: 64, 128 and 256 within noise at 7x7 and 14x14.
+constexpr int64_t kCsChunk = 128;
+
+// Which layers take backward_channel_split. BSCONV_CPU_BWD_CS="0": none; else set: every layer
+// its loops run (the tests' switch); unset: BSConv-U with M x N >= 512 x 512 (1 MiB of float
+// weights) and at least two images. Paired A/B of the backward op (two threads, the 2-core AMX
+// host, NCHW x, ms, backward_kernel -> this): 1024->1024 7x7 B=8 11.8 -> 9.6 (channels-last
+// 12.9 -> 11.0; one thread 23.7 -> 21.0), 512->1024 14x14 s2 B=8 30.3 -> 19.3, 512->512 7x7
+// B=8 3.5 -> 2.5, 1024->1024 7x7 B=32 47.0 -> 41-42; 512->512 14x14 B=8 and 1024->1024 7x7
+// B=2 and B=4 within noise; B=1 (one image, whose tasks backward_kernel already splits
+// by channels) 2-4% slower; 256->512 28x28 s2 B=8 (M x N = 512 x 256) within noise.
+inline bool cs_wanted(const Geometry& g) {
+  static const int forced = [] {
+    const char* env = std::getenv("BSCONV_CPU_BWD_CS");
+    if (env == nullptr || env[0] == '\0') return -1;
+    return env[0] == '0' ? 0 : 1;
+  }();
+  if (forced >= 0) return forced == 1;
+  return g.M * g.N >= 512 * 512 && g.B >= 2;
+}
+
+CsPlan cs_plan(const Geometry& g, const Weights<float>& w, const Mask& mask) {
+  CsPlan p;
+  if (!cs_wanted(g) || g.subspace() || g.has_mid() || g.mode != kZeros ||
+      !depthwise_cl_enabled() || !dw_cl_shape(g.sh, g.sw, g.dh, g.dw, g.Kh, g.Kw) ||
+      g.N % 16 != 0 || w.Np != g.N || w.wvp == nullptr || (mask[kGx] && w.w1n == nullptr)) {
+    return p;
+  }
+  const int64_t HW = g.H * g.W;
+  const int64_t bpp = int64_t(sizeof(float)) * (g.N + 2 * g.M);
+  p.nb = std::clamp<int64_t>(kCsGroupBudget / std::max<int64_t>(HW * bpp, 1), 1, g.B);
+  p.nb = ceil_div(g.B, ceil_div(g.B, p.nb));  // balanced groups
+  p.nc = g.N <= kCsChunk ? g.N : kCsChunk;
+  p.mc = g.M <= kCsChunk ? g.M : kCsChunk;
+  return p;
+}
+
+void backward_channel_split(const Geometry& g, const CsPlan& plan, const float* gy,
+                            const float* x, bool cl, const Weights<float>& w, const Mask& mask,
+                            float* gx, const GradOut<float>& out) {
+  // x, gy and gx: channels-last when cl, else NCHW.
+  const bool need_gv = mask[kGx] || mask[kGw1];
+  const bool need_gb = mask[kGdw];
+  const int64_t M = g.M, N = g.N, H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, HW = H * W;
+  const int64_t HoWo = Ho * Wo, KK = g.taps(), Np = w.Np;
+  dw_cl_backwards.fetch_add(1, std::memory_order_relaxed);
+  cs_backwards.fetch_add(1, std::memory_order_relaxed);
+  const GyCols gcols(g);
+  const int64_t GL = gcols.GL, GWp = gcols.GWp;
+  const PaddedCols acols(g);
+  const int64_t Wa = acols.Wp_alloc, nb = plan.nb, Pmax = nb * HW;
+  const int64_t chunks = ceil_div(N, plan.nc), mchunks = ceil_div(M, plan.mc);
+  const int64_t panels = ceil_div(M, kPanel);
+  const int64_t threads = useful_threads(3 * forward_flops(g));
+  if (out.dw != nullptr) std::fill_n(out.dw, N * KK, 0.f);
+  if (out.bias != nullptr) std::fill_n(out.bias, N, 0.f);
+  // Shared by the tasks (the calling thread's scratch): gv [P][N]; x channels-last (NCHW x);
+  // x in the panels of the weight gradient's B operand.
+  Scratch<float> GV(kSlotCsGv, need_gv ? Pmax * N : 0, false);
+  Scratch<float> XC(kSlotCsX, cl ? 0 : Pmax * M, false);
+  Scratch<float> XP(kSlotCsXp, mask[kGw1] ? Pmax * M : 0, false);
+  for (int64_t b0 = 0; b0 < g.B; b0 += nb) {
+    const int64_t nbt = std::min(nb, g.B - b0), P = nbt * HW;
+    const float* X = cl ? x + b0 * HW * M : XC.get();
+    // 0. x channels-last (NCHW x: transposed per image), then packed into panels of kPanel
+    // channels ([P][w] each, as pack_panels lays out B = X).
+    if (!cl) {
+      run_workers(nbt, threads, [&](auto next) {
+        for (int64_t i; (i = next()) >= 0;) {
+          transpose(M, HW, x + (b0 + i) * M * HW, HW, XC.get() + i * HW * M, M);
+        }
+      });
+    }
+    if (mask[kGw1]) {
+      run_workers(panels, threads, [&](auto next) {
+        for (int64_t j; (j = next()) >= 0;) {
+          const int64_t c0 = j * kPanel, wj = std::min(kPanel, M - c0);
+          float* d = XP.get() + c0 * P;
+          for (int64_t q = 0; q < P; ++q) std::memcpy(d + q * wj, X + q * M + c0, wj * 4);
+        }
+      });
+    }
+    // 1. Per chunk of output channels.
+    run_workers(chunks, threads, [&](auto next) {
+      Scratch<float> V(kSlotBwdV, need_gb ? Pmax * plan.nc : 0, false);
+      Scratch<float> AG(kSlotBwdA, need_gb ? nb * H * Wa * plan.nc : 0);  // zero: padding
+      Scratch<float> Gy(kSlotBwdGy, Ho * GWp * plan.nc);                  // zero: padding
+      Scratch<float> gbt(kSlotBwdGb, need_gb ? KK * plan.nc : 0, false);
+      Scratch<float> T(kSlotBwdX, mask[kGw1] ? plan.nc * Pmax : 0, false);
+      std::vector<const float*> g16(H * g.Kh), gb_g(Ho * g.Kh), gb_a(Ho * g.Kh), rows(Ho);
+      std::vector<int64_t> n16(H), k16(H * g.Kh), gb_k(Ho * g.Kh);
+      for (int64_t c; (c = next()) >= 0;) {
+        const int64_t n0 = c * plan.nc, nc = std::min(plan.nc, N - n0);
+        const int64_t acbs = nbt * H * Wa * 16, gcbs = Ho * GWp * 16;
+        if (need_gb) {
+          const Operand<float> Xo{X, M, false};
+          proj_gemm(Xo, P, n0, nc, M, w.w1, w.wvp, V.get(), nc);
+          for (int64_t k = 0; k < nbt * H; ++k) {
+            cl_to_b16(V.get() + k * W * nc, nc, W, nc, AG.get() + (k * Wa + g.pl) * 16, acbs);
+          }
+          std::memset(gbt.get(), 0, size_t(KK * nc) * sizeof(float));
+        }
+        for (int64_t img = 0; img < nbt; ++img) {
+          const int64_t b = b0 + img;
+          auto grow = [&](int64_t oh) { return Gy.get() + oh * GWp * 16; };
+          for (int64_t oh = 0; oh < Ho; ++oh) {
+            float* d = grow(oh) + GL * 16;
+            if (cl) {
+              cl_to_b16(gy + (b * HoWo + oh * Wo) * N + n0, N, Wo, nc, d, gcbs);
+            } else {
+              cm_to_b16(gy + (b * N + n0) * HoWo + oh * Wo, HoWo, Wo, nc, d, gcbs);
+            }
+            rows[oh] = d;
+          }
+          if (out.bias != nullptr) {
+            bias_b16_rows(rows.data(), Ho, Wo, gcbs, nc, !cl, out.bias + n0);
+          }
+          if (need_gv) {
+            for (int64_t r = 0; r < H; ++r) {
+              int64_t nk = 0;
+              for (int64_t kh = 0; kh < g.Kh; ++kh) {
+                const int64_t t = r + g.pt - kh * g.dh;
+                if (t < 0 || t % g.sh != 0 || t / g.sh >= Ho) continue;
+                g16[r * g.Kh + nk] = grow(t / g.sh);
+                k16[r * g.Kh + nk++] = kh;
+              }
+              n16[r] = nk;
+            }
+            gv_rows_cl(GvClArgs{H, g16.data(), n16.data(), k16.data(), g.Kh, g.Kw, g.sw, W,
+                                gcbs, gcols.ph_n.data(), gcols.ph_kw.data(),
+                                gcols.ph_off.data(), nc, w.taps + n0, Np,
+                                GV.get() + img * HW * N + n0, N});
+          }
+          if (need_gb) {
+            int64_t np = 0;
+            for (int64_t oh = 0; oh < Ho; ++oh) {
+              for (int64_t kh = 0; kh < g.Kh; ++kh) {
+                const int64_t r = oh * g.sh - g.pt + kh * g.dh;
+                if (r < 0 || r >= H) continue;
+                gb_g[np] = rows[oh];
+                gb_a[np] = AG.get() + (img * H + r) * Wa * 16;
+                gb_k[np++] = kh;
+              }
+            }
+            gb_rows_cl(GbClArgs{np, gb_g.data(), gb_a.data(), gb_k.data(), gcbs, acbs, g.Kw,
+                                g.sw, Wo, nc, gbt.get(), nc});
+          }
+        }
+        if (need_gb) {
+          for (int64_t n = 0; n < nc; ++n) {
+            for (int64_t k = 0; k < KK; ++k) out.dw[(n0 + n) * KK + k] += gbt.get()[k * nc + n];
+          }
+        }
+        if (mask[kGw1]) {
+          // gW rows [n0, n0 + nc) (+)= gv[:, chunk]^T X.
+          transpose(P, nc, GV.get() + n0, N, T.get(), P);
+          gemm_packed(nc, M, P, T.get(), P, XP.get(), out.w1 + n0 * M, M, b0 > 0);
+        }
+      }
+    });
+    if (!mask[kGx]) continue;
+    // 2. gx = gv W per chunk of input channels, on W packed as the input-gradient GEMMs read it.
+    run_workers(mchunks, threads, [&](auto next) {
+      Scratch<float> Z(kSlotBwdGx, cl ? 0 : Pmax * plan.mc, false);
+      for (int64_t j; (j = next()) >= 0;) {
+        const int64_t m0 = j * plan.mc, mc = std::min(plan.mc, M - m0);
+        if (cl) {
+          gemm_packed(P, mc, N, GV.get(), N, w.w1n + m0 * N, gx + b0 * HW * M + m0, M, false);
+          continue;
+        }
+        gemm_packed(P, mc, N, GV.get(), N, w.w1n + m0 * N, Z.get(), mc, false);
+        for (int64_t i = 0; i < nbt; ++i) {
+          transpose(HW, mc, Z.get() + i * HW * mc, mc, gx + ((b0 + i) * M + m0) * HW, HW);
+        }
+      }
+    });
+  }
+}
+
+// backward_channel_split where cs_plan takes the layer (float32 only); false: not taken.
+template <typename scalar_t, typename acc_t>
+bool channel_split(const Geometry& g, const scalar_t* gy, const scalar_t* x, bool cl,
+                   const Weights<acc_t>& w, const Mask& mask, scalar_t* gx,
+                   const GradOut<scalar_t>& out) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    const CsPlan plan = cs_plan(g, w, mask);
+    if (plan.nb == 0) return false;
+    backward_channel_split(g, plan, gy, x, cl, w, mask, gx, out);
+    return true;
+  } else {
+    return false;
+  }
 }
 
 // Depthwise bias gradient: the sum of gy over batch and space, per channel, in a fixed order
@@ -1554,11 +1788,17 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pw
             if (PartialLayout(g, mask, false).size > 0 || mask[kGx]) {
               out.bias = ptr(kGbias, gbias);
               bias_done = out.bias != nullptr;
-              backward_kernel<scalar_t, acc_t>(g, gyc.const_data_ptr<scalar_t>(),
-                                               xc.const_data_ptr<scalar_t>(), x_cl, cl,
-                                               wt.get(), mask,
-                                               mask[kGx] ? gx.data_ptr<scalar_t>() : nullptr,
-                                               out);
+              if (!channel_split<scalar_t, acc_t>(g, gyc.const_data_ptr<scalar_t>(),
+                                                  xc.const_data_ptr<scalar_t>(), cl, wt.get(),
+                                                  mask,
+                                                  mask[kGx] ? gx.data_ptr<scalar_t>() : nullptr,
+                                                  out)) {
+                backward_kernel<scalar_t, acc_t>(g, gyc.const_data_ptr<scalar_t>(),
+                                                 xc.const_data_ptr<scalar_t>(), x_cl, cl,
+                                                 wt.get(), mask,
+                                                 mask[kGx] ? gx.data_ptr<scalar_t>() : nullptr,
+                                                 out);
+              }
             }
           } else {
             // No pixels: the weight gradients are zero.
@@ -1606,6 +1846,9 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   // stride 1 or 2, dilation 1, zero padding, 16-channel multiples, no mid transform; also off
   // with BSCONV_CPU_NO_DW_CL=1).
   m.def("cpu_depthwise_cl_backwards() -> int", [] { return dw_cl_backwards.load(); });
+  // Backward calls so far that ran backward_channel_split (float32 BSConv-U with M x N >=
+  // 512 x 512 where the B16 loops run; BSCONV_CPU_BWD_CS=0 never, =1 wherever they run).
+  m.def("cpu_channel_split_backwards() -> int", [] { return cs_backwards.load(); });
   // bfloat16 forward calls so far that projected NCHW x as it lies and wrote NCHW y by channel
   // planes (forward_bf16_cm: AVX-512, the bfloat16 GEMM, stride 1, dilation 1, zero padding, no
   // mid transform; BSCONV_CPU_NO_BF16_CM=1 turns it off).

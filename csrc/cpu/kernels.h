@@ -52,6 +52,7 @@ enum ScratchSlot : int {
   kSlotBwdU, kSlotBwdPartials, kSlotBwdV, kSlotBwdA, kSlotBwdGvb, kSlotBwdGc, kSlotBwdGu,
   kSlotBwdGy, kSlotBwdX, kSlotBwdGx, kSlotBwdGb, kSlotBwdDsc, kSlotBwdDsh, kSlotWeights,
   kSlotWeightsBf16, kSlotFwdUb, kSlotFwdXb,
+  kSlotCsGv, kSlotCsX, kSlotCsXp,  // backward_channel_split's buffers shared by its tasks
   kSlotInput, kSlotGradOut,  // the calling thread's standard-layout copies of x and grad_y
   kNumSlots
 };
