@@ -1053,7 +1053,8 @@ struct CsPlan {
   int64_t mc = 0;  // input channels per task of pass 2 (a multiple of kPanel, or M)
 };
 
-// A group's shared buffers (gv, x channels-last, packed x) are kept within this. Paired A/B
+// A group's shared buffers (gv, x channels-last, packed x) are kept within this (layers with
+// larger images stay on backward_kernel, whose scratch is bounded by bands). Paired A/B
 // runs (two threads, the 2-core AMX host, NCHW x) found 4, 8 and 16 MiB within noise of each
 // other; 1-2 MiB (groups of one or two images) were up to 20% slower on 1024->1024 7x7 B=8.
 constexpr int64_t kCsGroupBudget = 8 << 20;
@@ -1087,7 +1088,9 @@ CsPlan cs_plan(const Geometry& g, const Weights<float>& w, const Mask& mask) {
   }
   const int64_t HW = g.H * g.W;
   const int64_t bpp = int64_t(sizeof(float)) * (g.N + 2 * g.M);
-  p.nb = std::clamp<int64_t>(kCsGroupBudget / std::max<int64_t>(HW * bpp, 1), 1, g.B);
+  // Images too large for a group: backward_kernel (bounded scratch; bands of rows).
+  if (HW * bpp > kCsGroupBudget) return p;
+  p.nb = std::min<int64_t>(kCsGroupBudget / (HW * bpp), g.B);
   p.nb = ceil_div(g.B, ceil_div(g.B, p.nb));  // balanced groups
   p.nc = g.N <= kCsChunk ? g.N : kCsChunk;
   p.mc = g.M <= kCsChunk ? g.M : kCsChunk;
