@@ -1116,17 +1116,19 @@ void backward_channel_split(const Geometry& g, const CsPlan& plan, const float* 
   const int64_t threads = useful_threads(3 * forward_flops(g));
   if (out.dw != nullptr) std::fill_n(out.dw, N * KK, 0.f);
   if (out.bias != nullptr) std::fill_n(out.bias, N, 0.f);
-  // Shared by the tasks (the calling thread's scratch): gv [P][N]; x channels-last (NCHW x);
-  // x in the panels of the weight gradient's B operand.
+  // Shared by the tasks (the calling thread's scratch): gv [P][N]; x channels-last (NCHW x
+  // read by the recompute or the weight gradient); x in the panels of the weight gradient's B
+  // operand.
+  const bool x_rows = need_gb || mask[kGw1];
   Scratch<float> GV(kSlotCsGv, need_gv ? Pmax * N : 0, false);
-  Scratch<float> XC(kSlotCsX, cl ? 0 : Pmax * M, false);
+  Scratch<float> XC(kSlotCsX, !cl && x_rows ? Pmax * M : 0, false);
   Scratch<float> XP(kSlotCsXp, mask[kGw1] ? Pmax * M : 0, false);
   for (int64_t b0 = 0; b0 < g.B; b0 += nb) {
     const int64_t nbt = std::min(nb, g.B - b0), P = nbt * HW;
     const float* X = cl ? x + b0 * HW * M : XC.get();
     // 0. x channels-last (NCHW x: transposed per image), then packed into panels of kPanel
     // channels ([P][w] each, as pack_panels lays out B = X).
-    if (!cl) {
+    if (!cl && x_rows) {
       run_workers(nbt, threads, [&](auto next) {
         for (int64_t i; (i = next()) >= 0;) {
           transpose(M, HW, x + (b0 + i) * M * HW, HW, XC.get() + i * HW * M, M);
@@ -1138,7 +1140,9 @@ void backward_channel_split(const Geometry& g, const CsPlan& plan, const float* 
         for (int64_t j; (j = next()) >= 0;) {
           const int64_t c0 = j * kPanel, wj = std::min(kPanel, M - c0);
           float* d = XP.get() + c0 * P;
-          for (int64_t q = 0; q < P; ++q) std::memcpy(d + q * wj, X + q * M + c0, wj * 4);
+          for (int64_t q = 0; q < P; ++q) {
+            std::memcpy(d + q * wj, X + q * M + c0, size_t(wj) * sizeof(float));
+          }
         }
       });
     }
