@@ -1138,11 +1138,8 @@ void backward_channel_split(const Geometry& g, const CsPlan& plan, const float* 
     if (mask[kGw1]) {
       run_workers(panels, threads, [&](auto next) {
         for (int64_t j; (j = next()) >= 0;) {
-          const int64_t c0 = j * kPanel, wj = std::min(kPanel, M - c0);
-          float* d = XP.get() + c0 * P;
-          for (int64_t q = 0; q < P; ++q) {
-            std::memcpy(d + q * wj, X + q * M + c0, size_t(wj) * sizeof(float));
-          }
+          const int64_t c0 = j * kPanel;  // panel j of pack_panels(false, P, M, X, M, XP)
+          pack_panels(false, P, std::min(kPanel, M - c0), X + c0, M, XP.get() + c0 * P);
         }
       });
     }
@@ -1853,8 +1850,9 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   // stride 1 or 2, dilation 1, zero padding, 16-channel multiples, no mid transform; also off
   // with BSCONV_CPU_NO_DW_CL=1).
   m.def("cpu_depthwise_cl_backwards() -> int", [] { return dw_cl_backwards.load(); });
-  // Backward calls so far that ran backward_channel_split (float32 BSConv-U with M x N >=
-  // 512 x 512 where the B16 loops run; BSCONV_CPU_BWD_CS=0 never, =1 wherever they run).
+  // Backward calls so far that ran backward_channel_split (cs_plan: float32 BSConv-U with
+  // M x N >= 512 x 512 and two or more images of at most 8 MiB of buffers each, where the B16
+  // loops run; BSCONV_CPU_BWD_CS=0 never, =1 regardless of M x N and B).
   m.def("cpu_channel_split_backwards() -> int", [] { return cs_backwards.load(); });
   // bfloat16 forward calls so far that projected NCHW x as it lies and wrote NCHW y by channel
   // planes (forward_bf16_cm: AVX-512, the bfloat16 GEMM, stride 1, dilation 1, zero padding, no
