@@ -148,6 +148,30 @@ def backward_case(case: tuple, seed: int, fmt: torch.memory_format, mid: int) ->
     return BackwardCase(p, r, yr, gy, q, want)
 
 
+def backward_case_runs(cases: Sequence[tuple], counter) -> list:
+    """Per case of ``cases`` (see backward_case) and layout (NCHW, channels-last): the fused
+    gradients, the float64 reference's, their magnitudes, how far the ``counter`` op moved
+    during the first backward, and whether one thread gave the same bits as the default
+    thread count."""
+    out = []
+    threads = torch.get_num_threads()
+    for i, case in enumerate(cases):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            c = backward_case(case, i, fmt, mid=16)
+            before = counter()
+            g = torch.autograd.grad(c.q.fused(), c.want, c.gy.float())
+            taken = counter() - before
+            torch.set_num_threads(1)
+            try:
+                g1 = torch.autograd.grad(c.q.fused(), c.want, c.gy.float())
+            finally:
+                torch.set_num_threads(threads)
+            same = all(torch.equal(a, b) for a, b in zip(g, g1))
+            _, gref, mags = c.reference_grads()
+            out.append([list(g), gref, mags, torch.tensor(taken), torch.tensor(same)])
+    return out
+
+
 def assert_accurate(name: str, fused: torch.Tensor, ref_lowp: torch.Tensor,
                     ref64: torch.Tensor, magnitude: Optional[torch.Tensor] = None) -> None:
     """The fused result may be at most twice as far from the float64 oracle as the reference

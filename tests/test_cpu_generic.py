@@ -32,7 +32,8 @@ def _run(args: list[str], generic: bool, avx512: bool = True, bf16_gemm: bool = 
          stream_stores: bool | None = None,
          dw_cl: bool | None = None,
          bf16_cm: bool | None = None,
-         bwd_cs: bool | None = None) -> subprocess.CompletedProcess:
+         bwd_cs: bool | None = None,
+         wgrad_t: bool | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["BSCONV_CPU_GENERIC"] = "1" if generic else "0"
     env["BSCONV_CPU_NO_AVX512"] = "0" if avx512 else "1"
@@ -52,6 +53,9 @@ def _run(args: list[str], generic: bool, avx512: bool = True, bf16_gemm: bool = 
     env.pop("BSCONV_CPU_BWD_CS", None)
     if bwd_cs is not None:
         env["BSCONV_CPU_BWD_CS"] = "1" if bwd_cs else "0"
+    env.pop("BSCONV_CPU_WGRAD_T", None)
+    if wgrad_t is not None:
+        env["BSCONV_CPU_WGRAD_T"] = "1" if wgrad_t else "0"
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -580,8 +584,7 @@ def test_bf16_nchw_channel_major_switch_and_bits(tmp_path: Path) -> None:
 _CS_BWD = r"""
 import sys, torch, bsconv_fused
 sys.path.insert(0, "tests")
-from helpers import backward_case
-out = []
+from helpers import backward_case_runs
 # (variant, B, M, N, H, W, K, padding, stride, options, which inputs need gradients)
 cases = [("u", 2, 64, 48, 12, 13, (3, 3), 1, 1, {}, "all"),
          ("u", 3, 72, 144, 9, 11, (5, 5), 2, 1, {}, "all"),
@@ -597,32 +600,17 @@ cases = [("u", 2, 64, 48, 12, 13, (3, 3), 1, 1, {}, "all"),
          ("u", 2, 256, 256, 54, 54, (3, 3), 1, 1, {}, "x"),
          ("u", 2, 512, 512, 12, 12, (3, 3), 1, 1, {}, "all"),
          ("u", 1, 512, 512, 16, 16, (3, 3), 1, 1, {}, "all")]
-ops = torch.ops.bsconv_fused
-threads = torch.get_num_threads()
-for i, case in enumerate(cases):
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        c = backward_case(case, i, fmt, mid=16)
-        before = ops.cpu_channel_split_backwards()
-        g = torch.autograd.grad(c.q.fused(), c.want, c.gy.float())
-        taken = ops.cpu_channel_split_backwards() - before
-        torch.set_num_threads(1)
-        try:
-            g1 = torch.autograd.grad(c.q.fused(), c.want, c.gy.float())
-        finally:
-            torch.set_num_threads(threads)
-        same = all(torch.equal(a, b) for a, b in zip(g, g1))
-        _, gref, mags = c.reference_grads()
-        out.append([list(g), gref, mags, torch.tensor(taken), torch.tensor(same)])
-torch.save(out, sys.argv[1])
+torch.save(backward_case_runs(cases, torch.ops.bsconv_fused.cpu_channel_split_backwards),
+           sys.argv[1])
 """
 
 
 def test_channel_split_backward_switch_and_accuracy(tmp_path: Path) -> None:
     """BSCONV_CPU_BWD_CS=0 keeps every backward on backward_kernel, =1 sends every layer the
     channel-split loops can run there (on an AVX-512 CPU, images whose buffers fit a group's
-    budget), unset leaves it to the rule (BSConv-U, M x N >= 512 x 512, two images or more). Every gradient of every run must match its float64
-    reference, and one thread must give the same bits as the default count (the chunks, groups
-    and sums are fixed by the geometry)."""
+    budget), unset leaves it to the rule (BSConv-U, M x N >= 512 x 512, two images or more).
+    Every gradient of every run must match its float64 reference, and one thread must give the
+    same bits as the default count (the chunks, groups and sums are fixed by the geometry)."""
     runs = []
     for setting in (False, True, None):
         path = tmp_path / f"cs{setting}.pt"
@@ -632,23 +620,84 @@ def test_channel_split_backward_switch_and_accuracy(tmp_path: Path) -> None:
     n = 14 * 2
     assert all(len(res) == n for res in runs)
     avx512 = _cpu_has("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl")
-    for setting, res in zip((False, True, None), runs):
-        for k in range(n):
-            g, ref, mags, taken, same = res[k]
-            case = k // 2
-            if setting is False:
-                expect = 0
-            elif setting is True:
-                expect = int(avx512 and case not in (9, 10, 11))
-            else:
-                expect = int(avx512 and case == 12)
-            assert int(taken) == expect, (setting, k)
+
+    def expect(setting: bool | None, k: int) -> int:
+        if setting is False:
+            return 0
+        if setting is True:
+            return int(avx512 and k // 2 not in (9, 10, 11))
+        return int(avx512 and k // 2 == 12)
+
+    # float32 sums of up to 12288 terms (three 64x64 images): these runs pass at 2^-17.
+    _assert_backward_runs((False, True, None), runs, expect)
+
+
+def _assert_backward_runs(settings: tuple, runs: list, expect) -> None:
+    """Checks backward_case_runs results, one list per switch setting: the counter moved by
+    expect(setting, k) in result k, one thread gave the default count's bits, and each
+    gradient is within 2^-15 of the sum of |terms| of its float64 reference. The sums run in
+    float32 over at most ~12288 terms, blocked (GEMM depth in chunks of 512, then images, tasks
+    and groups): their rounding stays below that; a missing or misplaced term moves a result by
+    ~m / 12288 = 2^-13.6 m on average."""
+    for setting, res in zip(settings, runs):
+        for k, (g, ref, mags, taken, same) in enumerate(res):
+            assert int(taken) == expect(setting, k), (setting, k)
             assert bool(same), (setting, k)
             assert len(g) == len(ref) == len(mags) > 0, (setting, k)
             for a, r, m in zip(g, ref, mags):
                 assert a.shape == r.shape, (setting, k)
-                # float32 sums of up to 12288 terms (three 64x64 images), blocked (GEMM depth in
-                # chunks of 512, then images, then groups): their rounding stays below 2^-15 of
-                # the sum of |terms| m (these runs pass at 2^-17); a missing or misplaced term
-                # moves a result by ~m / 12288 = 2^-13.6 m on average.
                 assert ((a.double() - r).abs() <= 2.0 ** -15 * m + 1e-30).all(), (setting, k)
+
+
+# The projection's weight gradient as its transpose, gW^T = x^T gv (backward_kernel's wgrad_t:
+# float32 BSConv-U with packed weights, i.e. at least 256 pixels per call; NCHW x, whose rows
+# it reads in place, one GEMM per image of a task, or channels-last x with fewer input than
+# output channels). Layers: two images in two tasks, a channel count that is not a multiple of
+# 16 (the B8 loops), one image in bands of rows with stride 2, sixteen small images four to a
+# task, reflect padding, a mid transform, two 64x64 images in many tasks and groups (the
+# transposed partials accumulated within a group and summed across groups), gradient subsets;
+# then three layers it does not take (the weight gradient not asked for, BSConv-S, 64 pixels:
+# no packed weights). Saves per case and layout the gradients, the float64 reference's, their
+# magnitudes, how many backwards took it and whether one thread gave the same bits as the
+# default thread count.
+_WGRAD_T = r"""
+import sys, torch, bsconv_fused
+sys.path.insert(0, "tests")
+from helpers import backward_case_runs
+# (variant, B, M, N, H, W, K, padding, stride, options, which inputs need gradients)
+cases = [("u", 2, 32, 48, 12, 13, (3, 3), 1, 1, {}, "all"),
+         ("u", 3, 72, 40, 20, 22, (5, 5), 2, 1, {}, "all"),
+         ("u", 1, 96, 64, 40, 40, (3, 3), 1, 2, {}, "all"),
+         ("u", 16, 48, 64, 10, 10, (3, 3), 1, 1, {}, "all"),
+         ("u", 2, 24, 32, 15, 17, (3, 3), 1, 1, {"padding_mode": "reflect"}, "all"),
+         ("u", 2, 32, 48, 12, 20, (3, 3), 1, 1, {"mid_affine": True}, "all"),
+         ("u", 2, 64, 96, 64, 64, (3, 3), 1, 1, {}, "all"),
+         ("u", 2, 48, 64, 12, 16, (3, 3), 1, 1, {}, "w"),
+         ("u", 2, 48, 64, 12, 16, (3, 3), 1, 1, {}, "x"),
+         ("s", 2, 64, 96, 12, 20, (3, 3), 1, 1, {}, "all"),
+         ("u", 1, 16, 32, 8, 8, (3, 3), 1, 1, {}, "all")]
+torch.save(backward_case_runs(cases, torch.ops.bsconv_fused.cpu_wgrad_t_backwards), sys.argv[1])
+"""
+
+
+def test_transposed_weight_gradient_switch_and_accuracy(tmp_path: Path) -> None:
+    """BSCONV_CPU_WGRAD_T=0 keeps gW = gv^T x; unset, the layers the rule names compute gW^T.
+    Every gradient of both runs must match its float64 reference, and one thread must give
+    the same bits as the default count (tasks, groups and sums fixed by the geometry)."""
+    runs = []
+    for setting in (False, None):
+        path = tmp_path / f"wt{setting}.pt"
+        r = _run(["-c", _WGRAD_T, str(path)], generic=False, wgrad_t=setting)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append(torch.load(path))
+    n = 11 * 2
+    assert all(len(res) == n for res in runs)
+    # (M < N) per case: channels-last x takes it only then.
+    fewer_in = [True, False, False, True, True, True, True, True, True, True, True]
+
+    def expect(setting: bool | None, k: int) -> int:
+        case, nchw = k // 2, k % 2 == 0
+        return int(setting is None and case <= 7 and (nchw or fewer_in[case]))
+
+    # float32 sums of up to 8192 terms (two 64x64 images).
+    _assert_backward_runs((False, None), runs, expect)

@@ -26,6 +26,8 @@ std::atomic<int64_t> dw_cl_forwards{0};
 std::atomic<int64_t> dw_cl_backwards{0};
 // Backward calls (this process) that ran backward_channel_split.
 std::atomic<int64_t> cs_backwards{0};
+// Backward calls (this process) that computed the weight gradient as its transpose (wgrad_t).
+std::atomic<int64_t> wgrad_t_backwards{0};
 // bfloat16 forward calls (this process) that ran forward_bf16_cm.
 std::atomic<int64_t> bf16_cm_forwards{0};
 
@@ -583,6 +585,17 @@ struct GyCols {
   }
 };
 
+// Whether backward_kernel may compute the weight gradient of NCHW x as its transpose (see
+// wgrad_t there): BSCONV_CPU_WGRAD_T="0" keeps gW = gv^T x (a switch for paired A/B runs and the
+// tests; read once per process).
+inline bool wgrad_t_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("BSCONV_CPU_WGRAD_T");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return on;
+}
+
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, bool x_cl,
                      bool cl, const Weights<acc_t>& w, const Mask& mask, scalar_t* gx,
@@ -641,10 +654,29 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
       if (!e.id) cols_nid.push_back(e);
     }
   }
-  // NCHW float x of more than kSmallProjK channels with packed weights: each task transposes
-  // its x rows once into channels-last scratch, read by the recompute and the weight gradient
-  // (fewer channels: each GEMM takes the channel-major rows as a transposed operand).
-  const bool x_gather_cl = is_float && !x_cl && !S && w.wvp != nullptr && M > kSmallProjK;
+  // NCHW float x with packed weights: each task transposes its x rows once into channels-last
+  // scratch, which the recompute reads (the packed-panel GEMM takes row-major pixels: a
+  // channel-major x would be transposed there all the same, after a copy when a task holds
+  // several images). Until 2026-12-08 only above kSmallProjK channels; with fewer, the paired
+  // A/B of the backward op (two threads, the 2-core AMX host, ms) gave 32->64 112x112 B=8
+  // 7.85 -> 7.65, 64->128 112x112 s2 B=1 2.62 -> 2.49, 64->64 8x8 B=8 0.093 -> 0.086, no
+  // layer slower.
+  const bool x_gather_cl = is_float && !x_cl && !S && w.wvp != nullptr;
+  // The weight gradient as its transpose, gW^T[M][N] = x^T gv (`wgrad_t`), where gW = gv^T x
+  // transposed gv (P x N) for the GEMM and copied x (P x M) into panels on every task:
+  // - NCHW x gathered channels-last: x^T is x's NCHW rows, read in place (one GEMM per image),
+  //   and gv's channels-last rows are read as they are;
+  // - channels-last x with fewer input than output channels: x (the smaller side) is
+  //   transposed and gv copied.
+  // The group partials hold gW^T; their sum is transposed once into gW. BSCONV_CPU_WGRAD_T=0
+  // turns it off. Paired A/B of the backward op (two threads, the 2-core AMX host, ms):
+  // NCHW 128->128 56x56 B=8 12.06 -> 10.98, B=1 1.52 -> 1.44, 256->256 28x28 B=8 10.28 ->
+  // 9.90, 256->512 28x28 s2 B=8 20.60 -> 20.04; channels-last 16->32 32x32 B=8 0.247 ->
+  // 0.190, 32->64 112x112 B=8 7.17 -> 6.92; 256->512 28x28 s2 B=1, 512->512 14x14 B=1 and
+  // 1024->1024 7x7 B=1 within 1%.
+  const bool wgrad_t = is_float && !S && mask[kGw1] && wgrad_t_enabled() &&
+                       (x_gather_cl || (x_cl && w.wvp != nullptr && M < N));
+  if (wgrad_t) wgrad_t_backwards.fetch_add(1, std::memory_order_relaxed);
   // x and gx in place (else gathered / scattered through scratch).
   const bool x_inplace = same && (x_cl || plan.nb == 1) && !x_gather_cl;
   // gx straight from the GEMM into its rows (else through the gxs scratch): channels-last,
@@ -962,7 +994,23 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
           K = Mm;
         }
         auto gw1 = [&] {
-          if (mask[kGw1]) wgrad_gemm(P, K, M, G, X, beta, direct_w ? out_w1 : part + lay.w1);
+          if (!mask[kGw1]) return;
+          if constexpr (is_float) {
+            if (wgrad_t) {
+              // One GEMM per image (its rows of x are HW apart), accumulated into gW^T.
+              if (x_cl) {
+                gemm(true, false, M, N, P, 1.f, X.ptr, X.ld, G.ptr, G.ld, beta, part + lay.w1, N);
+                return;
+              }
+              const int64_t run = rows * W;
+              for (int64_t i = 0; i < nbt; ++i) {
+                gemm(false, false, M, N, run, 1.f, x + (b0 + i) * M * HW + r0 * W, HW,
+                     G.ptr + i * run * G.ld, G.ld, i > 0 ? 1.f : beta, part + lay.w1, N);
+              }
+              return;
+            }
+          }
+          wgrad_gemm(P, K, M, G, X, beta, direct_w ? out_w1 : part + lay.w1);
         };
         auto gxf = [&] {
           if (!mask[kGx]) return;
@@ -1018,19 +1066,37 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
     for (int r = 0; r < kRegions; ++r) {
       scalar_t* dst = regions[r].second;
       const int64_t lo = std::max(begin, bounds[r]), hi = std::min(end, bounds[r + 1]);
-      if (dst == nullptr || lo >= hi || (direct_w && r < 2)) continue;
+      // gW^T (wgrad_t): summed into group 0's partial, transposed into gW below.
+      const bool in_p0 = wgrad_t && r == 0;
+      if (dst == nullptr || lo >= hi || (direct_w && r < 2 && !in_p0)) continue;
+      if (in_p0 && groups == 1) continue;
       for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
         const int64_t n = std::min(kBlock, hi - b0);
-        const acc_t* p0 = partials.get() + b0;
+        acc_t* p0 = partials.get() + b0;
         std::copy(p0, p0 + n, sum);
         for (int64_t grp = 1; grp < groups; ++grp) {
           const acc_t* pg = p0 + grp * lay.size;
           for (int64_t i = 0; i < n; ++i) sum[i] += pg[i];
         }
-        for (int64_t i = 0; i < n; ++i) dst[b0 - bounds[r] + i] = scalar_t(sum[i]);
+        if (in_p0) {
+          std::copy(sum, sum + n, p0);
+        } else {
+          for (int64_t i = 0; i < n; ++i) dst[b0 - bounds[r] + i] = scalar_t(sum[i]);
+        }
       }
     }
   });
+  if constexpr (is_float) {
+    if (wgrad_t) {
+      // gW[N][M] = (gW^T)^T, by blocks of 64 rows of gW^T on the threads.
+      const acc_t* gt = partials.get() + lay.w1;
+      at::parallel_for(0, ceil_div(M, 64), ceil_div(int64_t(16384), 64 * N),
+                       [&](int64_t begin, int64_t end) {
+                         const int64_t m0 = begin * 64, m1 = std::min(M, end * 64);
+                         transpose(m1 - m0, N, gt + m0 * N, N, out.w1 + m0, M);
+                       });
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1854,6 +1920,10 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   // M x N >= 512 x 512 and two or more images of at most 8 MiB of buffers each, where the B16
   // loops run; BSCONV_CPU_BWD_CS=0 never, =1 regardless of M x N and B).
   m.def("cpu_channel_split_backwards() -> int", [] { return cs_backwards.load(); });
+  // Backward calls so far of backward_kernel that computed the projection's weight gradient as
+  // its transpose (wgrad_t: float32 BSConv-U with packed weights, NCHW x, or channels-last x
+  // with M < N; BSCONV_CPU_WGRAD_T=0 never).
+  m.def("cpu_wgrad_t_backwards() -> int", [] { return wgrad_t_backwards.load(); });
   // bfloat16 forward calls so far that projected NCHW x as it lies and wrote NCHW y by channel
   // planes (forward_bf16_cm: AVX-512, the bfloat16 GEMM, stride 1, dilation 1, zero padding, no
   // mid transform; BSCONV_CPU_NO_BF16_CM=1 turns it off).
