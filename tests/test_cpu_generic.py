@@ -650,16 +650,17 @@ def _assert_backward_runs(settings: tuple, runs: list, expect) -> None:
 
 
 # The projection's weight gradient as its transpose, gW^T = x^T gv (backward_kernel's wgrad_t:
-# float32 BSConv-U with packed weights, i.e. at least 256 pixels per call; NCHW x, whose rows
-# it reads in place, one GEMM per image of a task, or channels-last x with fewer input than
-# output channels). Layers: two images in two tasks, a channel count that is not a multiple of
-# 16 (the B8 loops), one image in bands of rows with stride 2, sixteen small images four to a
-# task, reflect padding, a mid transform, two 64x64 images in many tasks and groups (the
-# transposed partials accumulated within a group and summed across groups), gradient subsets;
-# then three layers it does not take (the weight gradient not asked for, BSConv-S, 64 pixels:
-# no packed weights). Saves per case and layout the gradients, the float64 reference's, their
-# magnitudes, how many backwards took it and whether one thread gave the same bits as the
-# default thread count.
+# float32 with packed weights, i.e. at least 256 pixels per call: BSConv-U with NCHW x, whose
+# rows it reads in place, one GEMM per image of a task, or channels-last x with fewer input
+# than output channels; BSConv-S's second projection, gW2^T = u^T gv). Layers: two images in
+# two tasks, a channel count that is not a multiple of 16 (the B8 loops), one image in bands
+# of rows with stride 2, sixteen small images four to a task, reflect padding, a mid
+# transform, two 64x64 images in many tasks and groups (the transposed partials accumulated
+# within a group and summed across groups), gradient subsets, BSConv-S with few and with many
+# tasks; then two layers it does not take (BSConv-U's weight gradient not asked for, 64
+# pixels: no packed weights). Saves per case and layout the gradients, the float64
+# reference's, their magnitudes, how many backwards took it and whether one thread gave the
+# same bits as the default thread count.
 _WGRAD_T = r"""
 import sys, torch, bsconv_fused
 sys.path.insert(0, "tests")
@@ -675,6 +676,7 @@ cases = [("u", 2, 32, 48, 12, 13, (3, 3), 1, 1, {}, "all"),
          ("u", 2, 48, 64, 12, 16, (3, 3), 1, 1, {}, "w"),
          ("u", 2, 48, 64, 12, 16, (3, 3), 1, 1, {}, "x"),
          ("s", 2, 64, 96, 12, 20, (3, 3), 1, 1, {}, "all"),
+         ("s", 2, 48, 80, 64, 64, (3, 3), 1, 1, {}, "all"),
          ("u", 1, 16, 32, 8, 8, (3, 3), 1, 1, {}, "all")]
 torch.save(backward_case_runs(cases, torch.ops.bsconv_fused.cpu_wgrad_t_backwards), sys.argv[1])
 """
@@ -690,13 +692,15 @@ def test_transposed_weight_gradient_switch_and_accuracy(tmp_path: Path) -> None:
         r = _run(["-c", _WGRAD_T, str(path)], generic=False, wgrad_t=setting)
         assert r.returncode == 0, r.stderr[-2000:]
         runs.append(torch.load(path))
-    n = 11 * 2
+    n = 12 * 2
     assert all(len(res) == n for res in runs)
-    # (M < N) per case: channels-last x takes it only then.
-    fewer_in = [True, False, False, True, True, True, True, True, True, True, True]
+    # (M < N) per case: BSConv-U's channels-last x takes it only then.
+    fewer_in = [True, False, False, True, True, True, True, True]
 
     def expect(setting: bool | None, k: int) -> int:
         case, nchw = k // 2, k % 2 == 0
+        if case in (9, 10):  # BSConv-S (Mmid < N): either layout
+            return int(setting is None)
         return int(setting is None and case <= 7 and (nchw or fewer_in[case]))
 
     # float32 sums of up to 8192 terms (two 64x64 images).

@@ -676,7 +676,12 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
   // 1024->1024 7x7 B=1 within 1%.
   const bool wgrad_t = is_float && !S && mask[kGw1] && wgrad_t_enabled() &&
                        (x_gather_cl || (x_cl && w.wvp != nullptr && M < N));
-  if (wgrad_t) wgrad_t_backwards.fetch_add(1, std::memory_order_relaxed);
+  // BSConv-S: its second projection's weight gradient as gW2^T = u^T gv the same way, u
+  // channel-major from NCHW x read in place, channels-last u transposed (Mmid < N). Paired
+  // A/B as above: 512->86->512 14x14 B=8 NCHW 3.87 -> 3.65, channels-last 3.77 -> 3.63;
+  // 128->22->128 56x56 channels-last B=8 6.60 -> 5.72, B=1 0.87 -> 0.76; none slower.
+  const bool wgrad_t2 = is_float && S && mask[kGw2] && wgrad_t_enabled() && w.wvp != nullptr;
+  if (wgrad_t || wgrad_t2) wgrad_t_backwards.fetch_add(1, std::memory_order_relaxed);
   // x and gx in place (else gathered / scattered through scratch).
   const bool x_inplace = same && (x_cl || plan.nb == 1) && !x_gather_cl;
   // gx straight from the GEMM into its rows (else through the gxs scratch): channels-last,
@@ -978,6 +983,13 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
               threads > 1,
               [&] {
                 if (!mask[kGw2]) return;
+                if constexpr (is_float) {
+                  if (wgrad_t2) {
+                    gemm(!Ut.cm, false, Mm, N, P, 1.f, Ut.ptr, Ut.ld, G.ptr, G.ld, beta,
+                         part + lay.w2, N);
+                    return;
+                  }
+                }
                 wgrad_gemm(P, N, Mm, G, Ut, beta, direct_w ? out_w2 : part + lay.w2);
               },
               [&] {
@@ -1066,8 +1078,8 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
     for (int r = 0; r < kRegions; ++r) {
       scalar_t* dst = regions[r].second;
       const int64_t lo = std::max(begin, bounds[r]), hi = std::min(end, bounds[r + 1]);
-      // gW^T (wgrad_t): summed into group 0's partial, transposed into gW below.
-      const bool in_p0 = wgrad_t && r == 0;
+      // gW^T (wgrad_t, wgrad_t2): summed into group 0's partial, transposed into gW below.
+      const bool in_p0 = (wgrad_t && r == 0) || (wgrad_t2 && r == 1);
       if (dst == nullptr || lo >= hi || (direct_w && r < 2 && !in_p0)) continue;
       if (in_p0 && groups == 1) continue;
       for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
@@ -1087,15 +1099,16 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
     }
   });
   if constexpr (is_float) {
-    if (wgrad_t) {
-      // gW[N][M] = (gW^T)^T, by blocks of 64 rows of gW^T on the threads.
-      const acc_t* gt = partials.get() + lay.w1;
-      at::parallel_for(0, ceil_div(M, 64), ceil_div(int64_t(16384), 64 * N),
+    // gW[N][K] = (gW^T)^T, by blocks of 64 rows of gW^T on the threads.
+    auto untranspose = [&](const acc_t* gt, int64_t K, scalar_t* dst) {
+      at::parallel_for(0, ceil_div(K, 64), ceil_div(int64_t(16384), 64 * N),
                        [&](int64_t begin, int64_t end) {
-                         const int64_t m0 = begin * 64, m1 = std::min(M, end * 64);
-                         transpose(m1 - m0, N, gt + m0 * N, N, out.w1 + m0, M);
+                         const int64_t k0 = begin * 64, k1 = std::min(K, end * 64);
+                         transpose(k1 - k0, N, gt + k0 * N, N, dst + k0, K);
                        });
-    }
+    };
+    if (wgrad_t) untranspose(partials.get() + lay.w1, M, out.w1);
+    if (wgrad_t2) untranspose(partials.get() + lay.w2, Mm, out.w2);
   }
 }
 
@@ -1920,9 +1933,9 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   // M x N >= 512 x 512 and two or more images of at most 8 MiB of buffers each, where the B16
   // loops run; BSCONV_CPU_BWD_CS=0 never, =1 regardless of M x N and B).
   m.def("cpu_channel_split_backwards() -> int", [] { return cs_backwards.load(); });
-  // Backward calls so far of backward_kernel that computed the projection's weight gradient as
-  // its transpose (wgrad_t: float32 BSConv-U with packed weights, NCHW x, or channels-last x
-  // with M < N; BSCONV_CPU_WGRAD_T=0 never).
+  // Backward calls so far of backward_kernel that computed a projection's weight gradient as
+  // its transpose (float32 with packed weights: BSConv-U with NCHW x, or channels-last x with
+  // M < N; BSConv-S's second projection; BSCONV_CPU_WGRAD_T=0 never).
   m.def("cpu_wgrad_t_backwards() -> int", [] { return wgrad_t_backwards.load(); });
   // bfloat16 forward calls so far that projected NCHW x as it lies and wrote NCHW y by channel
   // planes (forward_bf16_cm: AVX-512, the bfloat16 GEMM, stride 1, dilation 1, zero padding, no
