@@ -4,8 +4,8 @@ FORCE_CUDA=1 (no GPU is needed to compile them; see shared/design/environment.md
 import glob
 import os
 
-from setuptools import find_packages, setup
 import torch
+from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 

@@ -17,7 +17,6 @@ from torch._prims_common import suggest_memory_format
 
 from ._args import ConvOptions
 
-
 _PLAIN = (torch.Tensor, torch.nn.Parameter, type(None))
 _direct = None  # the extension's eager entry of the forward op (csrc/python_call.cpp)
 

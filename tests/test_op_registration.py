@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import fused_op_ran, make_problem
 
 import bsconv_fused
