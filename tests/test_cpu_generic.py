@@ -27,35 +27,31 @@ def _cpu_has(*flags: str) -> bool:
     return all(f in words for f in flags)
 
 
+# The three-state switches of _run: keyword -> (environment variable, the value that turns the
+# feature on). None leaves the variable unset (the default rule); True / False set it.
+_SWITCHES = {
+    "alias_split": ("BSCONV_CPU_ALIAS_SPLIT", "1"),
+    "stream_stores": ("BSCONV_CPU_STREAM_STORES", "1"),
+    "dw_cl": ("BSCONV_CPU_NO_DW_CL", "0"),
+    "bf16_cm": ("BSCONV_CPU_NO_BF16_CM", "0"),
+    "bwd_cs": ("BSCONV_CPU_BWD_CS", "1"),
+    "wgrad_t": ("BSCONV_CPU_NO_WGRAD_T", "0"),
+}
+
+
 def _run(args: list[str], generic: bool, avx512: bool = True, bf16_gemm: bool = True,
-         alias_split: bool | None = None,
-         stream_stores: bool | None = None,
-         dw_cl: bool | None = None,
-         bf16_cm: bool | None = None,
-         bwd_cs: bool | None = None,
-         wgrad_t: bool | None = None) -> subprocess.CompletedProcess:
+         **switches: bool | None) -> subprocess.CompletedProcess:
+    unknown = set(switches) - set(_SWITCHES)
+    assert not unknown, unknown
     env = dict(os.environ)
     env["BSCONV_CPU_GENERIC"] = "1" if generic else "0"
     env["BSCONV_CPU_NO_AVX512"] = "0" if avx512 else "1"
     env["BSCONV_CPU_NO_BF16_GEMM"] = "0" if bf16_gemm else "1"
-    env.pop("BSCONV_CPU_ALIAS_SPLIT", None)
-    if alias_split is not None:
-        env["BSCONV_CPU_ALIAS_SPLIT"] = "1" if alias_split else "0"
-    env.pop("BSCONV_CPU_STREAM_STORES", None)
-    if stream_stores is not None:
-        env["BSCONV_CPU_STREAM_STORES"] = "1" if stream_stores else "0"
-    env.pop("BSCONV_CPU_NO_DW_CL", None)
-    if dw_cl is not None:
-        env["BSCONV_CPU_NO_DW_CL"] = "0" if dw_cl else "1"
-    env.pop("BSCONV_CPU_NO_BF16_CM", None)
-    if bf16_cm is not None:
-        env["BSCONV_CPU_NO_BF16_CM"] = "0" if bf16_cm else "1"
-    env.pop("BSCONV_CPU_BWD_CS", None)
-    if bwd_cs is not None:
-        env["BSCONV_CPU_BWD_CS"] = "1" if bwd_cs else "0"
-    env.pop("BSCONV_CPU_WGRAD_T", None)
-    if wgrad_t is not None:
-        env["BSCONV_CPU_WGRAD_T"] = "1" if wgrad_t else "0"
+    for key, (var, on) in _SWITCHES.items():
+        env.pop(var, None)
+        value = switches.get(key)
+        if value is not None:
+            env[var] = on if value else str(1 - int(on))
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -657,10 +653,11 @@ def _assert_backward_runs(settings: tuple, runs: list, expect) -> None:
 # of rows with stride 2, sixteen small images four to a task, reflect padding, a mid
 # transform, two 64x64 images in many tasks and groups (the transposed partials accumulated
 # within a group and summed across groups), gradient subsets, BSConv-S with few and with many
-# tasks; then two layers it does not take (BSConv-U's weight gradient not asked for, 64
-# pixels: no packed weights). Saves per case and layout the gradients, the float64
-# reference's, their magnitudes, how many backwards took it and whether one thread gave the
-# same bits as the default thread count.
+# tasks; two layers it does not take (BSConv-U's weight gradient not asked for, 64 pixels: no
+# packed weights); and a one-row image of 300 pixels, a single task (gW^T is the only
+# partial). Saves per case and layout the gradients, the float64 reference's, their
+# magnitudes, how many backwards took it and whether one thread gave the same bits as the
+# default thread count.
 _WGRAD_T = r"""
 import sys, torch, bsconv_fused
 sys.path.insert(0, "tests")
@@ -677,13 +674,14 @@ cases = [("u", 2, 32, 48, 12, 13, (3, 3), 1, 1, {}, "all"),
          ("u", 2, 48, 64, 12, 16, (3, 3), 1, 1, {}, "x"),
          ("s", 2, 64, 96, 12, 20, (3, 3), 1, 1, {}, "all"),
          ("s", 2, 48, 80, 64, 64, (3, 3), 1, 1, {}, "all"),
-         ("u", 1, 16, 32, 8, 8, (3, 3), 1, 1, {}, "all")]
+         ("u", 1, 16, 32, 8, 8, (3, 3), 1, 1, {}, "all"),
+         ("u", 1, 16, 32, 1, 300, (1, 3), (0, 1), 1, {}, "all")]
 torch.save(backward_case_runs(cases, torch.ops.bsconv_fused.cpu_wgrad_t_backwards), sys.argv[1])
 """
 
 
 def test_transposed_weight_gradient_switch_and_accuracy(tmp_path: Path) -> None:
-    """BSCONV_CPU_WGRAD_T=0 keeps gW = gv^T x; unset, the layers the rule names compute gW^T.
+    """BSCONV_CPU_NO_WGRAD_T=1 keeps gW = gv^T x; unset, the layers the rule names compute gW^T.
     Every gradient of both runs must match its float64 reference, and one thread must give
     the same bits as the default count (tasks, groups and sums fixed by the geometry)."""
     runs = []
@@ -692,14 +690,14 @@ def test_transposed_weight_gradient_switch_and_accuracy(tmp_path: Path) -> None:
         r = _run(["-c", _WGRAD_T, str(path)], generic=False, wgrad_t=setting)
         assert r.returncode == 0, r.stderr[-2000:]
         runs.append(torch.load(path))
-    n = 12 * 2
+    n = 13 * 2
     assert all(len(res) == n for res in runs)
     # (M < N) per case: BSConv-U's channels-last x takes it only then.
     fewer_in = [True, False, False, True, True, True, True, True]
 
     def expect(setting: bool | None, k: int) -> int:
         case, nchw = k // 2, k % 2 == 0
-        if case in (9, 10):  # BSConv-S (Mmid < N): either layout
+        if case in (9, 10, 12):  # BSConv-S (Mmid < N), and M < N: either layout
             return int(setting is None)
         return int(setting is None and case <= 7 and (nchw or fewer_in[case]))
 

@@ -585,14 +585,11 @@ struct GyCols {
   }
 };
 
-// Whether backward_kernel may compute the weight gradient of NCHW x as its transpose (see
-// wgrad_t there): BSCONV_CPU_WGRAD_T="0" keeps gW = gv^T x (a switch for paired A/B runs and the
-// tests; read once per process).
+// Whether backward_kernel may compute projection weight gradients as their transposes (see
+// wgrad_t there): BSCONV_CPU_NO_WGRAD_T set to a non-zero value keeps gW = gv^T x (a switch for
+// paired A/B runs and the tests; read once per process).
 inline bool wgrad_t_enabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("BSCONV_CPU_WGRAD_T");
-    return env == nullptr || std::string(env) != "0";
-  }();
+  static const bool on = !env_switch_on("BSCONV_CPU_NO_WGRAD_T");
   return on;
 }
 
@@ -668,7 +665,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
   //   and gv's channels-last rows are read as they are;
   // - channels-last x with fewer input than output channels: x (the smaller side) is
   //   transposed and gv copied.
-  // The group partials hold gW^T; their sum is transposed once into gW. BSCONV_CPU_WGRAD_T=0
+  // The group partials hold gW^T; their sum is transposed once into gW. BSCONV_CPU_NO_WGRAD_T=1
   // turns it off. Paired A/B of the backward op (two threads, the 2-core AMX host, ms):
   // NCHW 128->128 56x56 B=8 12.06 -> 10.98, B=1 1.52 -> 1.44, 256->256 28x28 B=8 10.28 ->
   // 9.90, 256->512 28x28 s2 B=8 20.60 -> 20.04; channels-last 16->32 32x32 B=8 0.247 ->
@@ -1079,9 +1076,9 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, b
       scalar_t* dst = regions[r].second;
       const int64_t lo = std::max(begin, bounds[r]), hi = std::min(end, bounds[r + 1]);
       // gW^T (wgrad_t, wgrad_t2): summed into group 0's partial, transposed into gW below.
+      // (A single group, direct_w: gW^T is in group 0's partial already.)
       const bool in_p0 = (wgrad_t && r == 0) || (wgrad_t2 && r == 1);
-      if (dst == nullptr || lo >= hi || (direct_w && r < 2 && !in_p0)) continue;
-      if (in_p0 && groups == 1) continue;
+      if (dst == nullptr || lo >= hi || (direct_w && r < 2)) continue;
       for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
         const int64_t n = std::min(kBlock, hi - b0);
         acc_t* p0 = partials.get() + b0;
@@ -1935,7 +1932,7 @@ TORCH_LIBRARY_FRAGMENT(bsconv_fused, m) {
   m.def("cpu_channel_split_backwards() -> int", [] { return cs_backwards.load(); });
   // Backward calls so far of backward_kernel that computed a projection's weight gradient as
   // its transpose (float32 with packed weights: BSConv-U with NCHW x, or channels-last x with
-  // M < N; BSConv-S's second projection; BSCONV_CPU_WGRAD_T=0 never).
+  // M < N; BSConv-S's second projection; BSCONV_CPU_NO_WGRAD_T=1 never).
   m.def("cpu_wgrad_t_backwards() -> int", [] { return wgrad_t_backwards.load(); });
   // bfloat16 forward calls so far that projected NCHW x as it lies and wrote NCHW y by channel
   // planes (forward_bf16_cm: AVX-512, the bfloat16 GEMM, stride 1, dilation 1, zero padding, no
